@@ -1,0 +1,1 @@
+//! Encounter tests (filled below).
