@@ -13,7 +13,9 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod billing;
 pub mod encounter;
+pub mod identity;
 pub mod patient;
 pub mod rpm;
 pub mod testing;

@@ -1,0 +1,1 @@
+//! Billing rules (being built).

@@ -1,0 +1,1 @@
+//! Patient identity matching (being built).

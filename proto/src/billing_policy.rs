@@ -1,0 +1,1 @@
+//! Billing policy files (being built).
