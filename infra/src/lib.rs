@@ -1,1 +1,14 @@
-//! placeholder
+//! Chartline infrastructure: the event store backends (SQLite, PostgreSQL), the store
+//! served over NATS and its client, and the catch-up/live subscription.
+//!
+//! Architecture invariant: no business rules here. Infra moves and stores events; what
+//! an event means is decided in `domain`, how it looks on the wire in `proto`.
+
+#![forbid(unsafe_code)]
+
+pub mod store;
+
+pub use store::{
+    AnyStore, AppendResult, Direction, EventStore, ExpectedVersion, ReadScope, StoreError,
+    StoreStats, VerifyReport,
+};

@@ -1,0 +1,40 @@
+-- Event store schema (PostgreSQL). Same semantics as migrations/sqlite/0001_event_store.sql.
+-- Identifiers, JSON and times are TEXT so both backends hash the exact bytes they stored.
+
+CREATE TABLE tenants (
+    tenant_id  TEXT PRIMARY KEY,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+INSERT INTO tenants (tenant_id) VALUES ('default');
+
+CREATE TABLE streams (
+    stream_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants (tenant_id),
+    category  TEXT NOT NULL,
+    version   BIGINT NOT NULL CHECK (version >= 1),
+    last_hash TEXT NOT NULL
+);
+
+CREATE INDEX streams_by_tenant ON streams (tenant_id, stream_id);
+
+-- global_position is assigned by the single active writer as max + 1 while holding
+-- pg_advisory_xact_lock(event store key): positions are gap-free and in commit order,
+-- and the lock is released only after the commit is visible (see ARCHITECTURE.md).
+CREATE TABLE events (
+    global_position BIGINT PRIMARY KEY,
+    event_id        TEXT NOT NULL UNIQUE,
+    tenant_id       TEXT NOT NULL,
+    stream_id       TEXT NOT NULL,
+    stream_version  BIGINT NOT NULL CHECK (stream_version >= 1),
+    event_type      TEXT NOT NULL,
+    schema_version  INTEGER NOT NULL CHECK (schema_version >= 1),
+    data            TEXT NOT NULL,
+    metadata        TEXT NOT NULL,
+    recorded_at     TEXT NOT NULL,
+    prev_hash       TEXT NOT NULL,
+    hash            TEXT NOT NULL,
+    UNIQUE (stream_id, stream_version)
+);
+
+CREATE INDEX events_by_tenant ON events (tenant_id, global_position);

@@ -1,0 +1,397 @@
+//! PostgreSQL event store: the production backend.
+//!
+//! Writes go through the shared single writer (group commit). Each group transaction
+//! first takes `pg_advisory_xact_lock(WRITE_LOCK_KEY)`: across every process writing
+//! to the database exactly one transaction writes at a time, it assigns positions as
+//! `max + 1 …`, and PostgreSQL releases the lock only after the commit is visible — so
+//! the next writer's positions are always higher than everything visible, and a reader
+//! paging by position can never skip an event that commits later. Default durability
+//! (fsync, synchronous_commit on) is left as configured on the server.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chartline_proto::{EventEnvelope, StreamId, TenantId};
+use chrono::Utc;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgPool, Row, SqlSafeStr};
+use uuid::Uuid;
+
+use super::writer::{
+    AppendRequest, BatchCommitter, Loaded, StoredEvent, StreamRow, Writer, envelope_from_columns,
+    keys, plan,
+};
+use super::{
+    AppendResult, DEFAULT_MAX_EVENT_BYTES, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT,
+    ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, validate_append, verify_grouped,
+};
+
+/// Advisory lock key of the event store's single active writer ("chartlin" in ASCII).
+pub const WRITE_LOCK_KEY: i64 = 0x6368_6172_746c_696e;
+
+fn migrator() -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        "event store".into(),
+        MigrationType::Simple,
+        include_str!("../../migrations/postgres/0001_event_store.sql").into_sql_str(),
+        false,
+    )])
+}
+
+const SELECT_EVENT: &str = "SELECT global_position, event_id, stream_id, stream_version, event_type, \
+     schema_version, data, metadata, recorded_at, prev_hash, hash FROM events";
+
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    writer: Writer,
+    max_event_bytes: usize,
+}
+
+struct PostgresCommitter {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to a `postgres://` URL and runs migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
+            StoreError::InvalidInput(format!("bad PostgreSQL URL: {e}"))
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        migrator()
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")))?;
+        let head: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(global_position), 0)::bigint FROM events")
+                .fetch_one(&pool)
+                .await?;
+        let writer = Writer::spawn(PostgresCommitter { pool: pool.clone() }, head as u64);
+        Ok(PostgresStore {
+            pool,
+            writer,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+        })
+    }
+
+    pub fn with_max_event_bytes(mut self, limit: usize) -> Self {
+        self.max_event_bytes = limit;
+        self
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn head_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.writer.head()
+    }
+}
+
+fn row_to_envelope(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, StoreError> {
+    envelope_from_columns(
+        row.try_get("global_position")?,
+        row.try_get("event_id")?,
+        row.try_get("stream_id")?,
+        row.try_get("stream_version")?,
+        row.try_get("event_type")?,
+        i64::from(row.try_get::<i32, _>("schema_version")?),
+        row.try_get("data")?,
+        row.try_get("metadata")?,
+        row.try_get("recorded_at")?,
+        row.try_get("prev_hash")?,
+        row.try_get("hash")?,
+    )
+}
+
+impl BatchCommitter for PostgresCommitter {
+    async fn commit_batch(
+        &self,
+        batch: &[AppendRequest],
+    ) -> Result<Vec<Result<AppendResult, StoreError>>, StoreError> {
+        let (tenants, streams, event_ids) = keys(batch);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(WRITE_LOCK_KEY)
+            .execute(&mut *tx)
+            .await?;
+        // READ COMMITTED: this statement's snapshot starts after the lock was granted,
+        // so it sees every earlier writer's commit.
+        let next_position: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(global_position), 0)::bigint + 1 FROM events")
+                .fetch_one(&mut *tx)
+                .await?;
+        let known_tenants: HashSet<String> =
+            sqlx::query_scalar("SELECT tenant_id FROM tenants WHERE tenant_id = ANY($1)")
+                .bind(&tenants)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+        let mut stream_rows = HashMap::new();
+        for row in sqlx::query(
+            "SELECT stream_id, tenant_id, version, last_hash FROM streams WHERE stream_id = ANY($1)",
+        )
+        .bind(&streams)
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            stream_rows.insert(
+                row.try_get::<String, _>("stream_id")?,
+                StreamRow {
+                    tenant: row.try_get("tenant_id")?,
+                    version: row.try_get::<i64, _>("version")? as u64,
+                    last_hash: row.try_get("last_hash")?,
+                },
+            );
+        }
+        let mut existing = HashMap::new();
+        for row in sqlx::query(
+            "SELECT event_id, stream_id, stream_version, global_position, event_type, schema_version, data, metadata \
+             FROM events WHERE event_id = ANY($1)",
+        )
+        .bind(&event_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            let id: String = row.try_get("event_id")?;
+            let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("event {id}: {e}"));
+            existing.insert(
+                Uuid::parse_str(&id).map_err(|e| corrupt(&e))?,
+                StoredEvent {
+                    stream_id: row.try_get("stream_id")?,
+                    stream_version: row.try_get::<i64, _>("stream_version")? as u64,
+                    global_position: row.try_get::<i64, _>("global_position")? as u64,
+                    event_type: row.try_get("event_type")?,
+                    schema_version: row.try_get::<i32, _>("schema_version")? as u32,
+                    data: serde_json::from_str(row.try_get("data")?).map_err(|e| corrupt(&e))?,
+                    metadata: serde_json::from_str(row.try_get("metadata")?).map_err(|e| corrupt(&e))?,
+                },
+            );
+        }
+
+        let planned = plan(
+            batch,
+            Loaded {
+                known_tenants,
+                streams: stream_rows,
+                existing,
+                next_position: next_position as u64,
+            },
+            Utc::now(),
+        );
+
+        if !planned.rows.is_empty() {
+            let rows = &planned.rows;
+            sqlx::query(
+                "INSERT INTO events (global_position, event_id, tenant_id, stream_id, stream_version, event_type, \
+                 schema_version, data, metadata, recorded_at, prev_hash, hash) \
+                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], \
+                 $7::int[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])",
+            )
+            .bind(rows.iter().map(|r| r.global_position as i64).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.stream_id.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.stream_version as i64).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.event_type.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.schema_version as i32).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.data.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.metadata.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.recorded_at.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.prev_hash.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.hash.as_str()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+            let streams = &planned.streams;
+            sqlx::query(
+                "INSERT INTO streams (stream_id, tenant_id, category, version, last_hash) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[]) \
+                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, last_hash = excluded.last_hash",
+            )
+            .bind(streams.iter().map(|s| s.stream_id.as_str()).collect::<Vec<_>>())
+            .bind(streams.iter().map(|s| s.tenant.as_str()).collect::<Vec<_>>())
+            .bind(streams.iter().map(|s| s.category.as_str()).collect::<Vec<_>>())
+            .bind(streams.iter().map(|s| s.version as i64).collect::<Vec<_>>())
+            .bind(streams.iter().map(|s| s.last_hash.as_str()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+            // Wakes live subscribers in other processes (LISTEN chartline_events).
+            sqlx::query("SELECT pg_notify('chartline_events', $1)")
+                .bind((rows.last().map_or(0, |r| r.global_position)).to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(planned.replies)
+    }
+}
+
+impl EventStore for PostgresStore {
+    async fn append(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<chartline_proto::NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        validate_append(tenant, &events, self.max_event_bytes)?;
+        self.writer.append(tenant, stream, expected, events).await
+    }
+
+    async fn read_stream(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        from_version: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let limit = limit.min(MAX_READ_LIMIT) as i64;
+        let sql = match direction {
+            Direction::Forwards => format!(
+                "{SELECT_EVENT} WHERE stream_id = $1 AND tenant_id = $2 AND stream_version >= $3 ORDER BY stream_version LIMIT $4"
+            ),
+            Direction::Backwards => format!(
+                "{SELECT_EVENT} WHERE stream_id = $1 AND tenant_id = $2 AND stream_version <= $3 ORDER BY stream_version DESC LIMIT $4"
+            ),
+        };
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(stream.as_str())
+            .bind(tenant.as_str())
+            .bind(from_version.min(i64::MAX as u64) as i64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        upcast_page(rows.iter().map(row_to_envelope).collect::<Result<_, _>>()?)
+    }
+
+    async fn read_all(
+        &self,
+        scope: &ReadScope,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let limit = limit.min(MAX_READ_LIMIT) as i64;
+        let rows = match scope {
+            ReadScope::AllTenants => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "{SELECT_EVENT} WHERE global_position > $1 ORDER BY global_position LIMIT $2"
+                )))
+                .bind(after_position as i64)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            ReadScope::Tenant(tenant) => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "{SELECT_EVENT} WHERE tenant_id = $1 AND global_position > $2 ORDER BY global_position LIMIT $3"
+                )))
+                .bind(tenant.as_str())
+                .bind(after_position as i64)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        upcast_page(rows.iter().map(row_to_envelope).collect::<Result<_, _>>()?)
+    }
+
+    async fn head_position(&self) -> Result<u64, StoreError> {
+        let head: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(global_position), 0)::bigint FROM events")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(head as u64)
+    }
+
+    async fn verify_stream(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<VerifyReport, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "{SELECT_EVENT} WHERE stream_id = $1 AND tenant_id = $2 ORDER BY stream_version"
+        )))
+        .bind(stream.as_str())
+        .bind(tenant.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let events = rows
+            .iter()
+            .map(row_to_envelope)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut report = VerifyReport {
+            streams_checked: 0,
+            events_checked: 0,
+            breaks: vec![],
+        };
+        verify_grouped(&events, &mut report);
+        Ok(report)
+    }
+
+    async fn verify_all(&self, scope: &ReadScope) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport {
+            streams_checked: 0,
+            events_checked: 0,
+            breaks: vec![],
+        };
+        let streams: Vec<(String, String)> =
+            sqlx::query_as("SELECT stream_id, tenant_id FROM streams ORDER BY stream_id")
+                .fetch_all(&self.pool)
+                .await?;
+        for (stream_id, tenant) in streams {
+            if !scope.allows(&tenant) {
+                continue;
+            }
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "{SELECT_EVENT} WHERE stream_id = $1 ORDER BY stream_version"
+            )))
+            .bind(&stream_id)
+            .fetch_all(&self.pool)
+            .await?;
+            let events = rows
+                .iter()
+                .map(row_to_envelope)
+                .collect::<Result<Vec<_>, _>>()?;
+            verify_grouped(&events, &mut report);
+        }
+        Ok(report)
+    }
+
+    async fn ensure_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO tenants (tenant_id) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(tenant.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        let (events, head): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(MAX(global_position), 0)::bigint FROM events",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let streams: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM streams")
+            .fetch_one(&self.pool)
+            .await?;
+        let tenants: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tenants")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(StoreStats {
+            backend: "postgres".into(),
+            events: events as u64,
+            streams: streams as u64,
+            tenants: tenants as u64,
+            head_position: head as u64,
+        })
+    }
+}

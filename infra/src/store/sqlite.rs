@@ -1,0 +1,460 @@
+//! SQLite event store: the embedded default (a file under `./data/`, WAL mode).
+//!
+//! Writes go through the shared single writer; each group runs in `BEGIN IMMEDIATE`,
+//! which also serializes writers from other processes on the same file. Durability:
+//! `synchronous=NORMAL` in WAL mode by default — a committed append survives a process
+//! crash (kill -9); an OS crash or power loss may lose the last transactions. Use
+//! `?synchronous=full` in the URL for power-loss durability at a higher cost per commit.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use chartline_proto::{EventEnvelope, StreamId, TenantId};
+use chrono::Utc;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, Row, SqlSafeStr, SqlitePool};
+use uuid::Uuid;
+
+use super::writer::{
+    AppendRequest, BatchCommitter, Loaded, StoredEvent, StreamRow, Writer, envelope_from_columns,
+    keys, plan,
+};
+use super::{
+    AppendResult, DEFAULT_MAX_EVENT_BYTES, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT,
+    ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, validate_append, verify_grouped,
+};
+
+fn migrator() -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        "event store".into(),
+        MigrationType::Simple,
+        include_str!("../../migrations/sqlite/0001_event_store.sql").into_sql_str(),
+        false,
+    )])
+}
+
+const SELECT_EVENT: &str = "SELECT global_position, event_id, stream_id, stream_version, event_type, \
+     schema_version, data, metadata, recorded_at, prev_hash, hash FROM events";
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    writer: Writer,
+    max_event_bytes: usize,
+}
+
+struct SqliteCommitter {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the store at a `sqlite://path[?synchronous=full]` URL
+    /// or a plain path, and runs migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let (path, query) = url
+            .trim_start_matches("sqlite://")
+            .trim_start_matches("sqlite:")
+            .split_once('?')
+            .map_or(
+                (
+                    url.trim_start_matches("sqlite://")
+                        .trim_start_matches("sqlite:"),
+                    "",
+                ),
+                |(p, q)| (p, q),
+            );
+        let synchronous = if query.contains("synchronous=full") {
+            SqliteSynchronous::Full
+        } else {
+            SqliteSynchronous::Normal
+        };
+        let memory = path == ":memory:" || path.is_empty();
+        if !memory && let Some(parent) = std::path::Path::new(path).parent() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+        let options = SqliteConnectOptions::from_str(if memory {
+            "sqlite::memory:"
+        } else {
+            "sqlite://"
+        })
+        .map_err(|e| StoreError::InvalidInput(e.to_string()))?;
+        let options = if memory {
+            options
+        } else {
+            options.filename(path)
+        }
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(synchronous)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            // An in-memory database exists once per connection: keep exactly one.
+            .max_connections(if memory { 1 } else { 4 })
+            .min_connections(if memory { 1 } else { 0 })
+            .idle_timeout(if memory {
+                None
+            } else {
+                Some(Duration::from_secs(600))
+            })
+            .max_lifetime(if memory {
+                None
+            } else {
+                Some(Duration::from_secs(3600))
+            })
+            .connect_with(options)
+            .await?;
+        migrator()
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migrations failed: {e}")))?;
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(global_position), 0) FROM events")
+            .fetch_one(&pool)
+            .await?;
+        let writer = Writer::spawn(SqliteCommitter { pool: pool.clone() }, head as u64);
+        Ok(SqliteStore {
+            pool,
+            writer,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+        })
+    }
+
+    pub fn with_max_event_bytes(mut self, limit: usize) -> Self {
+        self.max_event_bytes = limit;
+        self
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Watch of the head position committed by this process.
+    pub fn head_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.writer.head()
+    }
+
+    async fn raw_events_of(
+        &self,
+        filter: &str,
+        binds: &[&str],
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let sql = format!("{SELECT_EVENT} {filter}");
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for bind in binds {
+            query = query.bind(*bind);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(row_to_envelope).collect()
+    }
+}
+
+fn row_to_envelope(row: &sqlx::sqlite::SqliteRow) -> Result<EventEnvelope, StoreError> {
+    envelope_from_columns(
+        row.try_get("global_position")?,
+        row.try_get("event_id")?,
+        row.try_get("stream_id")?,
+        row.try_get("stream_version")?,
+        row.try_get("event_type")?,
+        row.try_get("schema_version")?,
+        row.try_get("data")?,
+        row.try_get("metadata")?,
+        row.try_get("recorded_at")?,
+        row.try_get("prev_hash")?,
+        row.try_get("hash")?,
+    )
+}
+
+fn placeholders(count: usize) -> String {
+    vec!["?"; count].join(",")
+}
+
+impl BatchCommitter for SqliteCommitter {
+    async fn commit_batch(
+        &self,
+        batch: &[AppendRequest],
+    ) -> Result<Vec<Result<AppendResult, StoreError>>, StoreError> {
+        let (tenants, streams, event_ids) = keys(batch);
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+
+        let next_position: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(global_position), 0) + 1 FROM events")
+                .fetch_one(&mut *tx)
+                .await?;
+
+        let mut known_tenants = HashSet::new();
+        for chunk in tenants.chunks(500) {
+            let sql = format!(
+                "SELECT tenant_id FROM tenants WHERE tenant_id IN ({})",
+                placeholders(chunk.len())
+            );
+            let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql));
+            for tenant in chunk {
+                query = query.bind(tenant);
+            }
+            known_tenants.extend(query.fetch_all(&mut *tx).await?);
+        }
+
+        let mut stream_rows = HashMap::new();
+        for chunk in streams.chunks(500) {
+            let sql = format!(
+                "SELECT stream_id, tenant_id, version, last_hash FROM streams WHERE stream_id IN ({})",
+                placeholders(chunk.len())
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for stream in chunk {
+                query = query.bind(stream);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                stream_rows.insert(
+                    row.try_get::<String, _>("stream_id")?,
+                    StreamRow {
+                        tenant: row.try_get("tenant_id")?,
+                        version: row.try_get::<i64, _>("version")? as u64,
+                        last_hash: row.try_get("last_hash")?,
+                    },
+                );
+            }
+        }
+
+        let mut existing = HashMap::new();
+        for chunk in event_ids.chunks(500) {
+            let sql = format!(
+                "SELECT event_id, stream_id, stream_version, global_position, event_type, schema_version, data, metadata \
+                 FROM events WHERE event_id IN ({})",
+                placeholders(chunk.len())
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(id);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                let id: String = row.try_get("event_id")?;
+                let corrupt =
+                    |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("event {id}: {e}"));
+                existing.insert(
+                    Uuid::parse_str(&id).map_err(|e| corrupt(&e))?,
+                    StoredEvent {
+                        stream_id: row.try_get("stream_id")?,
+                        stream_version: row.try_get::<i64, _>("stream_version")? as u64,
+                        global_position: row.try_get::<i64, _>("global_position")? as u64,
+                        event_type: row.try_get("event_type")?,
+                        schema_version: row.try_get::<i64, _>("schema_version")? as u32,
+                        data: serde_json::from_str(row.try_get("data")?)
+                            .map_err(|e| corrupt(&e))?,
+                        metadata: serde_json::from_str(row.try_get("metadata")?)
+                            .map_err(|e| corrupt(&e))?,
+                    },
+                );
+            }
+        }
+
+        let planned = plan(
+            batch,
+            Loaded {
+                known_tenants,
+                streams: stream_rows,
+                existing,
+                next_position: next_position as u64,
+            },
+            Utc::now(),
+        );
+
+        // 12 columns a row; SQLite allows 32,766 bound parameters per statement.
+        for chunk in planned.rows.chunks(2_000) {
+            let mut sql = String::from(
+                "INSERT INTO events (global_position, event_id, tenant_id, stream_id, stream_version, event_type, \
+                 schema_version, data, metadata, recorded_at, prev_hash, hash) VALUES ",
+            );
+            sql.push_str(&vec!["(?,?,?,?,?,?,?,?,?,?,?,?)"; chunk.len()].join(","));
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for row in chunk {
+                query = query
+                    .bind(row.global_position as i64)
+                    .bind(&row.event_id)
+                    .bind(&row.tenant)
+                    .bind(&row.stream_id)
+                    .bind(row.stream_version as i64)
+                    .bind(&row.event_type)
+                    .bind(i64::from(row.schema_version))
+                    .bind(&row.data)
+                    .bind(&row.metadata)
+                    .bind(&row.recorded_at)
+                    .bind(&row.prev_hash)
+                    .bind(&row.hash);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        for update in &planned.streams {
+            sqlx::query(
+                "INSERT INTO streams (stream_id, tenant_id, category, version, last_hash) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, last_hash = excluded.last_hash",
+            )
+            .bind(&update.stream_id)
+            .bind(&update.tenant)
+            .bind(&update.category)
+            .bind(update.version as i64)
+            .bind(&update.last_hash)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(planned.replies)
+    }
+}
+
+impl EventStore for SqliteStore {
+    async fn append(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<chartline_proto::NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        validate_append(tenant, &events, self.max_event_bytes)?;
+        self.writer.append(tenant, stream, expected, events).await
+    }
+
+    async fn read_stream(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        from_version: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let limit = limit.min(MAX_READ_LIMIT) as i64;
+        let sql = match direction {
+            Direction::Forwards => format!(
+                "{SELECT_EVENT} WHERE stream_id = ? AND tenant_id = ? AND stream_version >= ? ORDER BY stream_version LIMIT ?"
+            ),
+            Direction::Backwards => format!(
+                "{SELECT_EVENT} WHERE stream_id = ? AND tenant_id = ? AND stream_version <= ? ORDER BY stream_version DESC LIMIT ?"
+            ),
+        };
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(stream.as_str())
+            .bind(tenant.as_str())
+            .bind(from_version.min(i64::MAX as u64) as i64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        upcast_page(rows.iter().map(row_to_envelope).collect::<Result<_, _>>()?)
+    }
+
+    async fn read_all(
+        &self,
+        scope: &ReadScope,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<EventEnvelope>, StoreError> {
+        let limit = limit.min(MAX_READ_LIMIT) as i64;
+        let rows = match scope {
+            ReadScope::AllTenants => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "{SELECT_EVENT} WHERE global_position > ? ORDER BY global_position LIMIT ?"
+                )))
+                .bind(after_position as i64)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            ReadScope::Tenant(tenant) => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "{SELECT_EVENT} WHERE tenant_id = ? AND global_position > ? ORDER BY global_position LIMIT ?"
+                )))
+                .bind(tenant.as_str())
+                .bind(after_position as i64)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        upcast_page(rows.iter().map(row_to_envelope).collect::<Result<_, _>>()?)
+    }
+
+    async fn head_position(&self) -> Result<u64, StoreError> {
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(global_position), 0) FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(head as u64)
+    }
+
+    async fn verify_stream(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<VerifyReport, StoreError> {
+        let events = self
+            .raw_events_of(
+                "WHERE stream_id = ? AND tenant_id = ? ORDER BY stream_version",
+                &[stream.as_str(), tenant.as_str()],
+            )
+            .await?;
+        let mut report = VerifyReport {
+            streams_checked: 0,
+            events_checked: 0,
+            breaks: vec![],
+        };
+        verify_grouped(&events, &mut report);
+        Ok(report)
+    }
+
+    async fn verify_all(&self, scope: &ReadScope) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport {
+            streams_checked: 0,
+            events_checked: 0,
+            breaks: vec![],
+        };
+        // Stream by stream, so memory stays bounded by the largest stream.
+        let stream_ids: Vec<(String, String)> =
+            sqlx::query_as("SELECT stream_id, tenant_id FROM streams ORDER BY stream_id")
+                .fetch_all(&self.pool)
+                .await?;
+        for (stream_id, tenant) in stream_ids {
+            if !scope.allows(&tenant) {
+                continue;
+            }
+            let events = self
+                .raw_events_of("WHERE stream_id = ? ORDER BY stream_version", &[&stream_id])
+                .await?;
+            verify_grouped(&events, &mut report);
+        }
+        Ok(report)
+    }
+
+    async fn ensure_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO tenants (tenant_id, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(tenant.as_str())
+        .bind(chartline_proto::hash::canonical_time(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        let (events, head): (i64, i64) =
+            sqlx::query_as("SELECT COUNT(*), COALESCE(MAX(global_position), 0) FROM events")
+                .fetch_one(&self.pool)
+                .await?;
+        let streams: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM streams")
+            .fetch_one(&self.pool)
+            .await?;
+        let tenants: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tenants")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(StoreStats {
+            backend: "sqlite".into(),
+            events: events as u64,
+            streams: streams as u64,
+            tenants: tenants as u64,
+            head_position: head as u64,
+        })
+    }
+}

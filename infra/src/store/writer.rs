@@ -1,0 +1,428 @@
+//! The single writer shared by the SQL backends: group commit of concurrent appends.
+//!
+//! Callers send [`AppendRequest`]s over a channel; one task drains whatever is pending
+//! (bounded), and the backend commits the whole group in one transaction. Planning —
+//! idempotency, tenant ownership, expected versions, positions, hashes — is a pure
+//! function ([`plan`]) over the state the backend loaded inside that transaction, so
+//! both backends decide identically. Each request gets its own result: a conflicting
+//! request is answered with its error and contributes no rows, the others commit.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::time::Duration;
+
+use chartline_proto::hash::{GENESIS_HASH, HashInput, canonical_time, chain_hash};
+use chartline_proto::{EventEnvelope, NewEvent, StreamId, TenantId};
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use super::{AppendResult, ExpectedVersion, StoreError};
+
+pub(crate) struct AppendRequest {
+    pub tenant: TenantId,
+    pub stream: StreamId,
+    pub expected: ExpectedVersion,
+    pub events: Vec<NewEvent>,
+    pub reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+}
+
+/// A stream's row as loaded inside the write transaction.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamRow {
+    pub tenant: String,
+    pub version: u64,
+    pub last_hash: String,
+}
+
+/// An already-stored event, loaded for the idempotency check.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredEvent {
+    pub stream_id: String,
+    pub stream_version: u64,
+    pub global_position: u64,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub data: serde_json::Value,
+    pub metadata: serde_json::Value,
+}
+
+/// A row to insert into `events`.
+#[derive(Debug, Clone)]
+pub(crate) struct EventRow {
+    pub global_position: u64,
+    pub event_id: String,
+    pub tenant: String,
+    pub stream_id: String,
+    pub stream_version: u64,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub data: String,
+    pub metadata: String,
+    pub recorded_at: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// Stream rows to insert or update.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamUpdate {
+    pub stream_id: String,
+    pub tenant: String,
+    pub category: String,
+    pub version: u64,
+    pub last_hash: String,
+}
+
+pub(crate) struct Plan {
+    pub rows: Vec<EventRow>,
+    pub streams: Vec<StreamUpdate>,
+    pub replies: Vec<Result<AppendResult, StoreError>>,
+}
+
+/// What the backend loaded inside the transaction for a group of requests.
+pub(crate) struct Loaded {
+    pub known_tenants: HashSet<String>,
+    pub streams: HashMap<String, StreamRow>,
+    pub existing: HashMap<Uuid, StoredEvent>,
+    pub next_position: u64,
+}
+
+/// Ids the backend must load for a group: tenants, streams and event ids.
+pub(crate) fn keys(batch: &[AppendRequest]) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let mut tenants: Vec<String> = batch.iter().map(|r| r.tenant.to_string()).collect();
+    tenants.sort();
+    tenants.dedup();
+    let mut streams: Vec<String> = batch.iter().map(|r| r.stream.to_string()).collect();
+    streams.sort();
+    streams.dedup();
+    let events = batch
+        .iter()
+        .flat_map(|r| r.events.iter().map(|e| e.event_id.to_string()))
+        .collect();
+    (tenants, streams, events)
+}
+
+fn same_content(stored: &StoredEvent, stream: &StreamId, event: &NewEvent) -> bool {
+    stored.stream_id == stream.as_str()
+        && stored.event_type == event.event_type
+        && stored.schema_version == event.schema_version
+        && stored.data == event.data
+        && serde_json::to_value(&event.metadata).is_ok_and(|m| m == stored.metadata)
+}
+
+/// Decides every request of a group against the loaded state. Pure.
+pub(crate) fn plan(
+    batch: &[AppendRequest],
+    mut loaded: Loaded,
+    recorded_at: DateTime<Utc>,
+) -> Plan {
+    let recorded_at_text = canonical_time(recorded_at);
+    let mut rows = Vec::new();
+    let mut touched: Vec<String> = Vec::new();
+    let mut replies = Vec::with_capacity(batch.len());
+    let mut next_position = loaded.next_position;
+
+    for request in batch {
+        let reply = (|| {
+            let stream_key = request.stream.as_str();
+            // Idempotency first: a retried append must get its original result even if
+            // the stream moved on since.
+            let stored: Vec<Option<&StoredEvent>> = request
+                .events
+                .iter()
+                .map(|e| loaded.existing.get(&e.event_id))
+                .collect();
+            if let Some(index) = stored.iter().position(Option::is_some) {
+                if stored.iter().any(Option::is_none) {
+                    return Err(StoreError::PartiallyStoredBatch(
+                        request.events[index].event_id,
+                    ));
+                }
+                for (event, stored) in request.events.iter().zip(&stored) {
+                    let stored = stored.expect("all stored");
+                    if !same_content(stored, &request.stream, event) {
+                        return Err(StoreError::EventIdReused(event.event_id));
+                    }
+                }
+                let first = stored.first().and_then(|s| *s).expect("non-empty");
+                let last = stored.last().and_then(|s| *s).expect("non-empty");
+                return Ok(AppendResult {
+                    stream_id: request.stream.clone(),
+                    first_version: first.stream_version,
+                    last_version: last.stream_version,
+                    first_position: first.global_position,
+                    last_position: last.global_position,
+                    deduplicated: true,
+                });
+            }
+            if !loaded.known_tenants.contains(request.tenant.as_str()) {
+                return Err(StoreError::UnknownTenant(request.tenant.to_string()));
+            }
+            let current = loaded.streams.get(stream_key);
+            if let Some(row) = current
+                && row.tenant != request.tenant.as_str()
+            {
+                return Err(StoreError::ForeignStream(request.stream.clone()));
+            }
+            let actual = current.map(|row| row.version);
+            let ok = match request.expected {
+                ExpectedVersion::Any => true,
+                ExpectedVersion::NoStream => actual.is_none(),
+                ExpectedVersion::Exact(v) => actual == Some(v),
+            };
+            if !ok {
+                return Err(StoreError::Conflict {
+                    stream: request.stream.clone(),
+                    expected: request.expected,
+                    actual,
+                });
+            }
+            let mut version = actual.unwrap_or(0);
+            let mut prev_hash =
+                current.map_or_else(|| GENESIS_HASH.to_owned(), |r| r.last_hash.clone());
+            let first_position = next_position;
+            let first_version = version + 1;
+            for event in &request.events {
+                version += 1;
+                let hash = chain_hash(
+                    &prev_hash,
+                    &HashInput {
+                        event_id: event.event_id,
+                        stream_id: &request.stream,
+                        stream_version: version,
+                        event_type: &event.event_type,
+                        schema_version: event.schema_version,
+                        data: &event.data,
+                        metadata: &event.metadata,
+                        recorded_at,
+                    },
+                );
+                rows.push(EventRow {
+                    global_position: next_position,
+                    event_id: event.event_id.to_string(),
+                    tenant: request.tenant.to_string(),
+                    stream_id: stream_key.to_owned(),
+                    stream_version: version,
+                    event_type: event.event_type.clone(),
+                    schema_version: event.schema_version,
+                    data: event.data.to_string(),
+                    metadata: serde_json::to_string(&event.metadata)
+                        .expect("metadata always serializes"),
+                    recorded_at: recorded_at_text.clone(),
+                    prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
+                    hash,
+                });
+                next_position += 1;
+            }
+            loaded.streams.insert(
+                stream_key.to_owned(),
+                StreamRow {
+                    tenant: request.tenant.to_string(),
+                    version,
+                    last_hash: prev_hash,
+                },
+            );
+            if !touched.iter().any(|s| s == stream_key) {
+                touched.push(stream_key.to_owned());
+            }
+            // Register the new ids so a duplicate request later in the same group is
+            // answered as a retry, not stored twice.
+            for (offset, event) in request.events.iter().enumerate() {
+                loaded.existing.insert(
+                    event.event_id,
+                    StoredEvent {
+                        stream_id: stream_key.to_owned(),
+                        stream_version: first_version + offset as u64,
+                        global_position: first_position + offset as u64,
+                        event_type: event.event_type.clone(),
+                        schema_version: event.schema_version,
+                        data: event.data.clone(),
+                        metadata: serde_json::to_value(&event.metadata)
+                            .expect("metadata always serializes"),
+                    },
+                );
+            }
+            Ok(AppendResult {
+                stream_id: request.stream.clone(),
+                first_version,
+                last_version: version,
+                first_position,
+                last_position: next_position - 1,
+                deduplicated: false,
+            })
+        })();
+        replies.push(reply);
+    }
+
+    let streams = touched
+        .into_iter()
+        .map(|stream_id| {
+            let row = &loaded.streams[&stream_id];
+            let category = stream_id
+                .split_once('-')
+                .map_or(stream_id.as_str(), |(c, _)| c)
+                .to_owned();
+            StreamUpdate {
+                tenant: row.tenant.clone(),
+                version: row.version,
+                last_hash: row.last_hash.clone(),
+                category,
+                stream_id,
+            }
+        })
+        .collect();
+    Plan {
+        rows,
+        streams,
+        replies,
+    }
+}
+
+/// A backend that can commit a group of appends in one transaction.
+pub(crate) trait BatchCommitter: Send + Sync + 'static {
+    /// Runs one write transaction for the group; returns one result per request, or an
+    /// error for the whole group when the transaction itself failed (nothing written).
+    fn commit_batch(
+        &self,
+        batch: &[AppendRequest],
+    ) -> impl Future<Output = Result<Vec<Result<AppendResult, StoreError>>, StoreError>> + Send;
+}
+
+/// Handle to the writer task.
+#[derive(Clone)]
+pub(crate) struct Writer {
+    sender: mpsc::Sender<AppendRequest>,
+    head: watch::Receiver<u64>,
+}
+
+/// Most events one group transaction carries (keeps transactions short).
+const MAX_GROUP_EVENTS: usize = 5_000;
+/// Transient failures of a whole group are retried this many times before callers see
+/// `Unavailable` (the transaction rolled back, so retrying is safe).
+const GROUP_RETRIES: u32 = 5;
+
+impl Writer {
+    pub fn spawn<C: BatchCommitter>(committer: C, initial_head: u64) -> Self {
+        let (sender, mut receiver) = mpsc::channel::<AppendRequest>(4_096);
+        let (head_tx, head) = watch::channel(initial_head);
+        tokio::spawn(async move {
+            while let Some(first) = receiver.recv().await {
+                let mut events = first.events.len();
+                let mut batch = vec![first];
+                while events < MAX_GROUP_EVENTS {
+                    match receiver.try_recv() {
+                        Ok(next) => {
+                            events += next.events.len();
+                            batch.push(next);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let mut attempt = 0;
+                let outcome = loop {
+                    match committer.commit_batch(&batch).await {
+                        Ok(results) => break Ok(results),
+                        Err(error) if error.is_retryable() && attempt < GROUP_RETRIES => {
+                            attempt += 1;
+                            tracing::warn!(%error, attempt, "event store group commit failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(20 * 2u64.pow(attempt))).await;
+                        }
+                        Err(error) => break Err(error),
+                    }
+                };
+                match outcome {
+                    Ok(results) => {
+                        let head = results
+                            .iter()
+                            .filter_map(|r| r.as_ref().ok())
+                            .filter(|r| !r.deduplicated)
+                            .map(|r| r.last_position)
+                            .max();
+                        if let Some(head) = head {
+                            head_tx.send_if_modified(|current| {
+                                let newer = head > *current;
+                                if newer {
+                                    *current = head;
+                                }
+                                newer
+                            });
+                        }
+                        for (request, result) in batch.into_iter().zip(results) {
+                            let _ = request.reply.send(result);
+                        }
+                    }
+                    Err(error) => {
+                        for request in batch {
+                            let _ = request.reply.send(Err(error.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        Writer { sender, head }
+    }
+
+    pub async fn append(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        let (reply, response) = oneshot::channel();
+        self.sender
+            .send(AppendRequest {
+                tenant: tenant.clone(),
+                stream: stream.clone(),
+                expected,
+                events,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Unavailable("event store writer stopped".into()))?;
+        response
+            .await
+            .map_err(|_| StoreError::Unavailable("event store writer stopped".into()))?
+    }
+
+    /// Watch of the highest position this process committed (wakes live subscribers).
+    pub fn head(&self) -> watch::Receiver<u64> {
+        self.head.clone()
+    }
+}
+
+/// Builds an envelope from a stored row's columns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn envelope_from_columns(
+    global_position: i64,
+    event_id: &str,
+    stream_id: &str,
+    stream_version: i64,
+    event_type: String,
+    schema_version: i64,
+    data: &str,
+    metadata: &str,
+    recorded_at: &str,
+    prev_hash: String,
+    hash: String,
+) -> Result<EventEnvelope, StoreError> {
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+        StoreError::Corrupt(format!("event at position {global_position}: {what}: {e}"))
+    };
+    Ok(EventEnvelope {
+        event_id: Uuid::parse_str(event_id).map_err(|e| corrupt("event_id", &e))?,
+        stream_id: StreamId::parse(stream_id).map_err(|e| corrupt("stream_id", &e))?,
+        stream_version: stream_version as u64,
+        global_position: global_position as u64,
+        event_type,
+        schema_version: schema_version as u32,
+        data: serde_json::from_str(data).map_err(|e| corrupt("data", &e))?,
+        metadata: serde_json::from_str(metadata).map_err(|e| corrupt("metadata", &e))?,
+        recorded_at: DateTime::parse_from_rfc3339(recorded_at)
+            .map_err(|e| corrupt("recorded_at", &e))?
+            .with_timezone(&Utc),
+        prev_hash,
+        hash,
+    })
+}
