@@ -164,14 +164,22 @@ pub struct AssignedCode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum CodingOutcome {
-    Billable { codes: Vec<AssignedCode> },
+    Billable {
+        codes: Vec<AssignedCode>,
+    },
     /// Not billable now, but may become so (e.g. a coverage lapse that may be restored).
-    Hold { reasons: Vec<String> },
-    NotBillable { reasons: Vec<String> },
+    Hold {
+        reasons: Vec<String>,
+    },
+    NotBillable {
+        reasons: Vec<String>,
+    },
 }
 
 /// FHIR artifacts the EHR connector writes for an encounter.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(tag = "resource", rename_all = "snake_case")]
 pub enum WriteBackArtifact {
     Appointment,
@@ -1125,9 +1133,10 @@ impl Aggregate for Encounter {
                             at: *at,
                         })])
                     }
-                    CodingOutcome::Hold { reasons } => {
-                        Err(EncounterError::NotBillable(format!("held: {}", reasons.join("; "))))
-                    }
+                    CodingOutcome::Hold { reasons } => Err(EncounterError::NotBillable(format!(
+                        "held: {}",
+                        reasons.join("; ")
+                    ))),
                     CodingOutcome::NotBillable { reasons } => {
                         Err(EncounterError::NotBillable(reasons.join("; ")))
                     }
@@ -1219,7 +1228,11 @@ impl Aggregate for Encounter {
             E::CodesAssigned(e) | E::CodesRevised(e) => self.coding = Some(e.clone()),
             E::FollowUpTaskCreated(e) => self.follow_up_tasks.push(e.clone()),
             E::WriteBackRequested(e) => {
-                match self.write_backs.iter_mut().find(|w| w.artifact == e.artifact) {
+                match self
+                    .write_backs
+                    .iter_mut()
+                    .find(|w| w.artifact == e.artifact)
+                {
                     Some(existing) => existing.state = WriteBackState::Requested,
                     None => self.write_backs.push(WriteBackStatus {
                         artifact: e.artifact.clone(),
@@ -1232,7 +1245,11 @@ impl Aggregate for Encounter {
                 }
             }
             E::WriteBackSucceeded(e) => {
-                if let Some(w) = self.write_backs.iter_mut().find(|w| w.artifact == e.artifact) {
+                if let Some(w) = self
+                    .write_backs
+                    .iter_mut()
+                    .find(|w| w.artifact == e.artifact)
+                {
                     w.state = WriteBackState::Succeeded;
                     w.attempts += 1;
                     w.ehr_resource_id = Some(e.ehr_resource_id.clone());
@@ -1241,7 +1258,11 @@ impl Aggregate for Encounter {
                 }
             }
             E::WriteBackFailed(e) => {
-                if let Some(w) = self.write_backs.iter_mut().find(|w| w.artifact == e.artifact) {
+                if let Some(w) = self
+                    .write_backs
+                    .iter_mut()
+                    .find(|w| w.artifact == e.artifact)
+                {
                     w.state = WriteBackState::Failed;
                     w.attempts = e.attempt;
                     w.last_error = Some(e.message.clone());

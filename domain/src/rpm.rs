@@ -568,7 +568,10 @@ mod tests {
             readings: vec![systolic(f64::NAN)],
             at: t(3),
         });
-        assert!(matches!(nan, Err(RpmError::ImplausibleValue { .. })), "{nan:?}");
+        assert!(
+            matches!(nan, Err(RpmError::ImplausibleValue { .. })),
+            "{nan:?}"
+        );
     }
 
     #[test]

@@ -54,7 +54,9 @@ impl DomainEvent for RpmEvent {
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CodecError {
-    #[error("event {category}/{event_type} schema version {version} is newer than this build understands ({current})")]
+    #[error(
+        "event {category}/{event_type} schema version {version} is newer than this build understands ({current})"
+    )]
     FromTheFuture {
         category: String,
         event_type: String,
@@ -307,7 +309,9 @@ mod tests {
         assert!(data.get("body").is_none());
         let event: EncounterEvent =
             serde_json::from_value(json!({"type": "NoteDrafted", "data": data})).unwrap();
-        assert!(matches!(event, EncounterEvent::NoteDrafted(n) if n.note_type == NoteType::ProgressNote));
+        assert!(
+            matches!(event, EncounterEvent::NoteDrafted(n) if n.note_type == NoteType::ProgressNote)
+        );
     }
 
     #[test]

@@ -85,7 +85,9 @@ pub struct ChainBreak {
 
 /// Verifies a stream's events in version order (as stored, before any upcasting).
 /// Returns the first event whose link or hash does not match.
-pub fn verify_chain<'a>(events: impl IntoIterator<Item = &'a EventEnvelope>) -> Result<u64, ChainBreak> {
+pub fn verify_chain<'a>(
+    events: impl IntoIterator<Item = &'a EventEnvelope>,
+) -> Result<u64, ChainBreak> {
     let mut prev = GENESIS_HASH.to_owned();
     let mut expected_version = 1;
     for event in events {
@@ -102,7 +104,9 @@ pub fn verify_chain<'a>(events: impl IntoIterator<Item = &'a EventEnvelope>) -> 
             )));
         }
         if event.prev_hash != prev {
-            return Err(broken("prev_hash does not link to the previous event".into()));
+            return Err(broken(
+                "prev_hash does not link to the previous event".into(),
+            ));
         }
         let computed = recompute(&prev, event);
         if computed != event.hash {

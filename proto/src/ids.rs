@@ -10,9 +10,13 @@ use uuid::Uuid;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
-    #[error("invalid tenant id {0:?}: use 1-63 chars of a-z, 0-9, '_' or '-', starting with a letter or digit")]
+    #[error(
+        "invalid tenant id {0:?}: use 1-63 chars of a-z, 0-9, '_' or '-', starting with a letter or digit"
+    )]
     InvalidTenant(String),
-    #[error("invalid stream id {0:?}: expected <category>-<uuid> or <category>-<name> (lowercase a-z, 0-9, '_', '-')")]
+    #[error(
+        "invalid stream id {0:?}: expected <category>-<uuid> or <category>-<name> (lowercase a-z, 0-9, '_', '-')"
+    )]
     InvalidStream(String),
 }
 
@@ -29,7 +33,9 @@ fn is_slug(value: &str, max: usize) -> bool {
 }
 
 /// An organization. Every stream belongs to exactly one tenant; every read is scoped.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct TenantId(String);
 
@@ -68,7 +74,9 @@ impl fmt::Display for TenantId {
 
 /// `<category>-<id>`: `encounter-<uuid>`, `patient-<uuid>`, `rpm-<uuid>`, `policy-billing`.
 /// The category is the part before the first '-'.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct StreamId(String);
 
@@ -84,7 +92,10 @@ impl StreamId {
         let (category, rest) = value.split_once('-').ok_or_else(invalid)?;
         let category_ok = !category.is_empty()
             && category.len() <= 32
-            && category.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+            && category
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase())
             && category
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
@@ -100,7 +111,9 @@ impl StreamId {
     }
 
     pub fn category(&self) -> &str {
-        self.0.split_once('-').map_or(&self.0, |(category, _)| category)
+        self.0
+            .split_once('-')
+            .map_or(&self.0, |(category, _)| category)
     }
 
     /// The part after the category: a uuid for aggregate streams.
@@ -142,7 +155,10 @@ mod tests {
         let stream = StreamId::for_aggregate("encounter", id);
         assert_eq!(stream.category(), "encounter");
         assert_eq!(stream.id_part(), id.to_string());
-        assert_eq!(StreamId::parse("policy-billing").unwrap().category(), "policy");
+        assert_eq!(
+            StreamId::parse("policy-billing").unwrap().category(),
+            "policy"
+        );
         for bad in [
             "",
             "encounter",
@@ -162,7 +178,16 @@ mod tests {
     #[test]
     fn tenant_ids() {
         assert!(TenantId::parse("clinic-a").is_ok());
-        for bad in ["", "Clinic", "a.b", "a*", "a>", "-a", "a b", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "Clinic",
+            "a.b",
+            "a*",
+            "a>",
+            "-a",
+            "a b",
+            &"a".repeat(64),
+        ] {
             assert!(TenantId::parse(bad).is_err(), "{bad:?} accepted");
         }
         let json: Result<TenantId, _> = serde_json::from_str("\"a.b\"");

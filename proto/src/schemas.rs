@@ -13,14 +13,24 @@ use crate::envelope::{EventEnvelope, NewEvent};
 
 /// `(file stem, schema)` for every published message type.
 pub fn all() -> Vec<(&'static str, serde_json::Value)> {
-    let to_json = |schema: schemars::Schema| serde_json::to_value(schema).expect("schemas serialize");
+    let to_json =
+        |schema: schemars::Schema| serde_json::to_value(schema).expect("schemas serialize");
     vec![
         ("event-envelope", to_json(schema_for!(EventEnvelope))),
         ("new-event", to_json(schema_for!(NewEvent))),
         ("command-reply", to_json(schema_for!(CommandReply))),
-        ("encounter-command", to_json(schema_for!(CommandRequest<EncounterCommand>))),
-        ("patient-command", to_json(schema_for!(CommandRequest<PatientCommand>))),
-        ("rpm-command", to_json(schema_for!(CommandRequest<RpmCommand>))),
+        (
+            "encounter-command",
+            to_json(schema_for!(CommandRequest<EncounterCommand>)),
+        ),
+        (
+            "patient-command",
+            to_json(schema_for!(CommandRequest<PatientCommand>)),
+        ),
+        (
+            "rpm-command",
+            to_json(schema_for!(CommandRequest<RpmCommand>)),
+        ),
         ("encounter-event", to_json(schema_for!(EncounterEvent))),
         ("patient-event", to_json(schema_for!(PatientEvent))),
         ("rpm-event", to_json(schema_for!(RpmEvent))),

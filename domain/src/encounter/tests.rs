@@ -123,7 +123,14 @@ fn coded() -> EncounterEvent {
 }
 
 fn through_signed() -> Vec<EncounterEvent> {
-    vec![scheduled(), checked_in(), started(), ended(), drafted(), signed()]
+    vec![
+        scheduled(),
+        checked_in(),
+        started(),
+        ended(),
+        drafted(),
+        signed(),
+    ]
 }
 
 #[test]
@@ -307,14 +314,20 @@ fn draft_and_amend_note() {
             at: t(82),
         })
         .then_err(EncounterError::ConsultationNotStarted);
-    given::<Encounter>(vec![scheduled(), checked_in(), started(), ended(), drafted()])
-        .when(EncounterCommand::DraftNote {
-            author: ai_author(),
-            note_type: NoteType::ProgressNote,
-            sections: soap(),
-            at: t(83),
-        })
-        .then_err(EncounterError::NoteAlreadyDrafted);
+    given::<Encounter>(vec![
+        scheduled(),
+        checked_in(),
+        started(),
+        ended(),
+        drafted(),
+    ])
+    .when(EncounterCommand::DraftNote {
+        author: ai_author(),
+        note_type: NoteType::ProgressNote,
+        sections: soap(),
+        at: t(83),
+    })
+    .then_err(EncounterError::NoteAlreadyDrafted);
     given::<Encounter>(vec![scheduled(), checked_in(), started(), ended()])
         .when(EncounterCommand::DraftNote {
             author: ai_author(),
@@ -329,16 +342,25 @@ fn draft_and_amend_note() {
     };
     let mut edited = soap();
     edited.plan = "Increase dose; recheck in 4 weeks.".into();
-    let state = given::<Encounter>(vec![scheduled(), checked_in(), started(), ended(), drafted()])
-        .when(EncounterCommand::AmendNote {
-            author: clinician.clone(),
-            sections: edited.clone(),
-            at: t(85),
-        })
-        .then_ok(|events| assert_eq!(events.len(), 1));
+    let state = given::<Encounter>(vec![
+        scheduled(),
+        checked_in(),
+        started(),
+        ended(),
+        drafted(),
+    ])
+    .when(EncounterCommand::AmendNote {
+        author: clinician.clone(),
+        sections: edited.clone(),
+        at: t(85),
+    })
+    .then_ok(|events| assert_eq!(events.len(), 1));
     let note = state.note.unwrap();
     assert_eq!(note.sections, edited);
-    assert!(note.ai_assisted, "an AI draft stays AI-assisted after human edits");
+    assert!(
+        note.ai_assisted,
+        "an AI draft stays AI-assisted after human edits"
+    );
     given::<Encounter>(through_signed())
         .when(EncounterCommand::AmendNote {
             author: clinician.clone(),
@@ -361,9 +383,15 @@ fn sign_note_needs_ended_consultation_and_happens_once() {
         practitioner_id: "dr-synthetic-1".into(),
         at,
     };
-    given::<Encounter>(vec![scheduled(), checked_in(), started(), ended(), drafted()])
-        .when(sign(t(90)))
-        .then(vec![signed()]);
+    given::<Encounter>(vec![
+        scheduled(),
+        checked_in(),
+        started(),
+        ended(),
+        drafted(),
+    ])
+    .when(sign(t(90)))
+    .then(vec![signed()]);
     let during = EncounterEvent::NoteDrafted(NoteDrafted {
         author: ai_author(),
         note_type: NoteType::ProgressNote,
@@ -391,12 +419,20 @@ fn addendum_only_after_signing() {
     let state = given::<Encounter>(through_signed())
         .when(addendum(t(120)))
         .then_ok(|events| {
-            assert!(matches!(&events[0], EncounterEvent::AddendumAdded(a) if a.addendum_number == 1))
+            assert!(
+                matches!(&events[0], EncounterEvent::AddendumAdded(a) if a.addendum_number == 1)
+            )
         });
     assert_eq!(state.note.unwrap().addenda.len(), 1);
-    given::<Encounter>(vec![scheduled(), checked_in(), started(), ended(), drafted()])
-        .when(addendum(t(120)))
-        .then_err(EncounterError::NoteNotSigned);
+    given::<Encounter>(vec![
+        scheduled(),
+        checked_in(),
+        started(),
+        ended(),
+        drafted(),
+    ])
+    .when(addendum(t(120)))
+    .then_err(EncounterError::NoteNotSigned);
 }
 
 #[test]
@@ -411,9 +447,15 @@ fn codes_only_after_signing_and_revisions_are_new_events() {
     given::<Encounter>(history.clone())
         .when(assign(billable(), 3, t(91)))
         .then(vec![coded()]);
-    given::<Encounter>(vec![scheduled(), checked_in(), started(), ended(), drafted()])
-        .when(assign(billable(), 3, t(91)))
-        .then_err(EncounterError::NoteNotSigned);
+    given::<Encounter>(vec![
+        scheduled(),
+        checked_in(),
+        started(),
+        ended(),
+        drafted(),
+    ])
+    .when(assign(billable(), 3, t(91)))
+    .then_err(EncounterError::NoteNotSigned);
     given::<Encounter>(history.clone())
         .when(assign(CodingOutcome::Billable { codes: vec![] }, 3, t(91)))
         .then_err(EncounterError::NoCodesInBillableOutcome);
@@ -473,10 +515,14 @@ fn write_back_is_gated_on_identity_and_tracks_outcomes() {
     };
     given::<Encounter>(through_signed())
         .when(request(IdentityStatus::UnderReview, t(92)))
-        .then_err(EncounterError::IdentityNotResolved(IdentityStatus::UnderReview));
+        .then_err(EncounterError::IdentityNotResolved(
+            IdentityStatus::UnderReview,
+        ));
     given::<Encounter>(through_signed())
         .when(request(IdentityStatus::PendingMatch, t(92)))
-        .then_err(EncounterError::IdentityNotResolved(IdentityStatus::PendingMatch));
+        .then_err(EncounterError::IdentityNotResolved(
+            IdentityStatus::PendingMatch,
+        ));
     let requested = EncounterEvent::WriteBackRequested(WriteBackRequested {
         artifact: WriteBackArtifact::DocumentReference,
         at: t(92),
@@ -750,24 +796,35 @@ fn check_invariants(state: &Encounter, events: &[EncounterEvent]) -> Result<(), 
     prop_assert!(count("ConsultationEnded") <= 1);
     if let Some(signed) = position("NoteSigned") {
         let ended = position("ConsultationEnded");
-        prop_assert!(ended.is_some_and(|e| e < signed), "signed before the consultation ended");
+        prop_assert!(
+            ended.is_some_and(|e| e < signed),
+            "signed before the consultation ended"
+        );
         // No edits of a signed note except by addendum.
-        prop_assert!(events[signed..]
-            .iter()
-            .all(|e| !matches!(e, EncounterEvent::NoteDrafted(_) | EncounterEvent::NoteAmended(_))));
+        prop_assert!(events[signed..].iter().all(|e| !matches!(
+            e,
+            EncounterEvent::NoteDrafted(_) | EncounterEvent::NoteAmended(_)
+        )));
     }
     if let Some(coded) = position("CodesAssigned") {
-        prop_assert!(position("NoteSigned").is_some_and(|s| s < coded), "codes before signing");
+        prop_assert!(
+            position("NoteSigned").is_some_and(|s| s < coded),
+            "codes before signing"
+        );
     }
     if let Some(released) = position("ChargeReleased") {
-        prop_assert!(events[released..]
-            .iter()
-            .all(|e| !matches!(e, EncounterEvent::CodesAssigned(_) | EncounterEvent::CodesRevised(_))));
+        prop_assert!(events[released..].iter().all(|e| !matches!(
+            e,
+            EncounterEvent::CodesAssigned(_) | EncounterEvent::CodesRevised(_)
+        )));
     }
     if let Some(ended) = &state.consultation_ended {
         prop_assert!(ended.duration_seconds >= 0, "negative duration");
         prop_assert!(ended.video_seconds >= 0 && ended.audio_only_seconds >= 0);
-        prop_assert_eq!(ended.video_seconds + ended.audio_only_seconds, ended.duration_seconds);
+        prop_assert_eq!(
+            ended.video_seconds + ended.audio_only_seconds,
+            ended.duration_seconds
+        );
     }
     // After cancellation or no-show only write-back bookkeeping may follow (the EHR
     // still has to learn that the appointment was cancelled).

@@ -11,7 +11,11 @@ mod identity_cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "chartline", version, about = "Telehealth-to-EHR integration platform (event-sourced)")]
+#[command(
+    name = "chartline",
+    version,
+    about = "Telehealth-to-EHR integration platform (event-sourced)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
