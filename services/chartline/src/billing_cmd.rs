@@ -1,15 +1,245 @@
-//! `chartline billing …` (placeholder until the billing-rules work lands).
+//! `chartline billing …`: evaluate billing scenarios against the shipped, bitemporal
+//! policy history without any store, and list the policy versions.
+//!
+//! Thin by design: JSON in, the pure evaluator from `chartline-domain`, JSON out. Bad
+//! input exits with status 2 and a message naming the scenario and field; nothing is
+//! printed to stdout then, so a pipeline never sees half a batch.
 
+use std::io::Read;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use chartline_domain::billing::{Decision, PolicyHistory, RuleSet, Scenario, evaluate};
+use chartline_proto::billing_policy::shipped_policy_history;
+use chrono::NaiveDate;
 use clap::Subcommand;
+use serde::Serialize;
+use serde_json::{Value, json};
 
 #[derive(Subcommand)]
 pub enum BillingCommand {
     /// Evaluate one scenario or an array of scenarios from a JSON file (`-` = stdin).
-    Evaluate { file: String },
+    Evaluate {
+        /// JSON file with one scenario object or an array of them; `-` reads stdin.
+        file: String,
+        /// Evaluate with the policy as it was known on this day (YYYY-MM-DD).
+        /// Default: today (UTC).
+        #[arg(long, value_parser = parse_day)]
+        known_at: Option<NaiveDate>,
+    },
+    /// List the policy versions: number, recorded date, rule set changed, rule counts.
+    Policies {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-pub fn run(command: BillingCommand) -> anyhow::Result<std::process::ExitCode> {
+fn parse_day(text: &str) -> Result<NaiveDate, String> {
+    NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .map_err(|_| format!("{text:?} is not a calendar date YYYY-MM-DD"))
+}
+
+/// Exit status for rejected input (as `EX_DATAERR`-style tools do, distinct from 1).
+const BAD_INPUT: u8 = 2;
+
+pub fn run(command: BillingCommand) -> anyhow::Result<ExitCode> {
+    let history = shipped_policy_history().context("loading the shipped billing policy")?;
     match command {
-        BillingCommand::Evaluate { file } => anyhow::bail!("billing evaluate {file}: not built yet"),
+        BillingCommand::Evaluate { file, known_at } => {
+            let known_at = known_at.unwrap_or_else(|| chrono::Utc::now().date_naive());
+            let text = read_input(&file)?;
+            match evaluate_text(&text, &history, known_at) {
+                Ok(output) => {
+                    println!("{}", serde_json::to_string_pretty(&output)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(errors) => {
+                    for error in errors {
+                        eprintln!("error: {error}");
+                    }
+                    Ok(ExitCode::from(BAD_INPUT))
+                }
+            }
+        }
+        BillingCommand::Policies { json } => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&policies_json(&history))?
+                );
+            } else {
+                print!("{}", policies_table(&history));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn read_input(file: &str) -> anyhow::Result<String> {
+    let mut text = String::new();
+    if file == "-" {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading scenarios from stdin")?;
+    } else {
+        text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+    }
+    Ok(text)
+}
+
+/// What `evaluate` prints: one decision for one scenario, an array for an array.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Evaluated {
+    Single(Decision),
+    Batch(Vec<Decision>),
+}
+
+/// Evaluates every scenario in `text`; on any bad input returns every error message
+/// (prefixed with the array index for batches) and no decisions.
+fn evaluate_text(
+    text: &str,
+    history: &PolicyHistory,
+    known_at: NaiveDate,
+) -> Result<Evaluated, Vec<String>> {
+    let input: Value =
+        serde_json::from_str(text).map_err(|error| vec![format!("input is not JSON: {error}")])?;
+    let (items, batch) = match input {
+        Value::Array(items) => (items, true),
+        single => (vec![single], false),
+    };
+    let mut decisions = Vec::with_capacity(items.len());
+    let mut errors = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        let prefix = if batch {
+            format!("scenario [{index}]: ")
+        } else {
+            String::new()
+        };
+        let decision = Scenario::from_json(item)
+            .map_err(Into::into)
+            .and_then(|scenario| evaluate(&scenario, history, known_at));
+        match decision {
+            Ok(decision) => decisions.push(decision),
+            Err(error) => errors.push(format!("{prefix}{error}")),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    match (batch, decisions.pop()) {
+        (false, Some(decision)) => Ok(Evaluated::Single(decision)),
+        (_, last) => {
+            decisions.extend(last);
+            Ok(Evaluated::Batch(decisions))
+        }
+    }
+}
+
+fn policies_json(history: &PolicyHistory) -> Value {
+    Value::Array(
+        history
+            .versions()
+            .iter()
+            .map(|version| {
+                json!({
+                    "version": version.version,
+                    "recorded_at": version.recorded_at,
+                    "changed_rule_set": version.changed_rule_set.as_str(),
+                    "summary": version.summary,
+                    "rule_count": version.rules.len(),
+                    "medicare_rules": version.rule_count(RuleSet::Medicare),
+                    "commercial_default_rules": version.rule_count(RuleSet::CommercialDefault),
+                })
+            })
+            .collect(),
+    )
+}
+
+fn policies_table(history: &PolicyHistory) -> String {
+    let mut out = String::from("version  recorded_at  rule_set            rules  summary\n");
+    for version in history.versions() {
+        out.push_str(&format!(
+            "{:>7}  {}   {:<18}  {:>5}  {}\n",
+            version.version,
+            version.recorded_at,
+            version.changed_rule_set.as_str(),
+            version.rules.len(),
+            version.summary
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day(text: &str) -> NaiveDate {
+        parse_day(text).unwrap()
+    }
+
+    fn history() -> PolicyHistory {
+        shipped_policy_history().unwrap()
+    }
+
+    #[test]
+    fn evaluates_a_batch_with_the_policy_known_then() {
+        let input = r#"[
+          {"date_of_service":"2025-10-15","payer":"medicare","service":"e_m_visit",
+           "patient_status":"established","level":3,"modality":"video",
+           "patient_location":"home","site":"physician_office"},
+          {"date_of_service":"2025-10-15","payer":"commercial","service":"e_m_visit",
+           "patient_status":"established","level":3,"modality":"video",
+           "patient_location":"home","site":"physician_office"}
+        ]"#;
+        let output =
+            serde_json::to_value(evaluate_text(input, &history(), day("2025-10-15")).unwrap())
+                .unwrap();
+        assert_eq!(output[0]["outcome"], "hold");
+        assert_eq!(output[0]["policy_version"], 4);
+        assert_eq!(output[1]["outcome"], "billable");
+        assert_eq!(
+            output[1]["codes"],
+            json!([{"code":"99213","modifiers":["95"],"pos":"10","units":1}])
+        );
+        let later =
+            serde_json::to_value(evaluate_text(input, &history(), day("2025-11-20")).unwrap())
+                .unwrap();
+        assert_eq!(later[0]["outcome"], "billable");
+        assert_eq!(later[0]["policy_version"], 7);
+    }
+
+    #[test]
+    fn bad_input_names_the_index_and_field_and_returns_no_decisions() {
+        let input = r#"[
+          {"date_of_service":"2025-06-01","payer":"medicare","service":"virtual_check_in",
+           "patient_status":"established","modality":"audio_only",
+           "patient_location":"home","site":"physician_office"},
+          {"date_of_service":"2025-06-01","payer":"medicare","service":"e_m_visit",
+           "patient_status":"established","level":7,"modality":"video",
+           "patient_location":"home","site":"physician_office"}
+        ]"#;
+        let errors = evaluate_text(input, &history(), day("2026-03-01"))
+            .err()
+            .unwrap();
+        assert_eq!(
+            errors,
+            vec!["scenario [1]: field `level`: E/M level 7 is not 1-5".to_owned()]
+        );
+        let errors = evaluate_text("{", &history(), day("2026-03-01"))
+            .err()
+            .unwrap();
+        assert!(errors[0].starts_with("input is not JSON"), "{errors:?}");
+    }
+
+    #[test]
+    fn policies_lists_every_version() {
+        let table = policies_table(&history());
+        assert_eq!(table.lines().count(), 10, "{table}");
+        let listed = policies_json(&history());
+        assert_eq!(listed[8]["version"], 9);
+        assert_eq!(listed[8]["recorded_at"], "2026-02-03");
     }
 }
