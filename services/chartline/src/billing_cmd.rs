@@ -9,7 +9,9 @@ use std::io::Read;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use chartline_domain::billing::{Decision, PolicyHistory, RuleSet, Scenario, evaluate};
+use chartline_domain::billing::{
+    Decision, EvaluationError, PolicyHistory, RuleSet, Scenario, evaluate,
+};
 use chartline_proto::billing_policy::shipped_policy_history;
 use chrono::NaiveDate;
 use clap::Subcommand;
@@ -49,7 +51,7 @@ pub fn run(command: BillingCommand) -> anyhow::Result<ExitCode> {
         BillingCommand::Evaluate { file, known_at } => {
             let known_at = known_at.unwrap_or_else(|| chrono::Utc::now().date_naive());
             let text = read_input(&file)?;
-            match evaluate_text(&text, &history, known_at) {
+            match evaluate_text(&text, &history, known_at)? {
                 Ok(output) => {
                     println!("{}", serde_json::to_string_pretty(&output)?);
                     Ok(ExitCode::SUCCESS)
@@ -96,15 +98,18 @@ enum Evaluated {
     Batch(Vec<Decision>),
 }
 
-/// Evaluates every scenario in `text`; on any bad input returns every error message
-/// (prefixed with the array index for batches) and no decisions.
+/// Evaluates every scenario in `text`. On bad input: `Ok(Err(messages))` with every
+/// message (prefixed with the array index for batches) and no decisions. A policy that
+/// cannot answer (none known on `known_at`, or defective) is an `Err`.
 fn evaluate_text(
     text: &str,
     history: &PolicyHistory,
     known_at: NaiveDate,
-) -> Result<Evaluated, Vec<String>> {
-    let input: Value =
-        serde_json::from_str(text).map_err(|error| vec![format!("input is not JSON: {error}")])?;
+) -> anyhow::Result<Result<Evaluated, Vec<String>>> {
+    let input: Value = match serde_json::from_str(text) {
+        Ok(input) => input,
+        Err(error) => return Ok(Err(vec![format!("input is not JSON: {error}")])),
+    };
     let (items, batch) = match input {
         Value::Array(items) => (items, true),
         single => (vec![single], false),
@@ -122,19 +127,21 @@ fn evaluate_text(
             .and_then(|scenario| evaluate(&scenario, history, known_at));
         match decision {
             Ok(decision) => decisions.push(decision),
-            Err(error) => errors.push(format!("{prefix}{error}")),
+            Err(EvaluationError::InvalidScenario(error)) => errors.push(format!("{prefix}{error}")),
+            // Not the input's fault: no policy known then, or a defective policy.
+            Err(error) => anyhow::bail!("{prefix}{error}"),
         }
     }
     if !errors.is_empty() {
-        return Err(errors);
+        return Ok(Err(errors));
     }
-    match (batch, decisions.pop()) {
-        (false, Some(decision)) => Ok(Evaluated::Single(decision)),
+    Ok(Ok(match (batch, decisions.pop()) {
+        (false, Some(decision)) => Evaluated::Single(decision),
         (_, last) => {
             decisions.extend(last);
-            Ok(Evaluated::Batch(decisions))
+            Evaluated::Batch(decisions)
         }
-    }
+    }))
 }
 
 fn policies_json(history: &PolicyHistory) -> Value {
@@ -184,6 +191,20 @@ mod tests {
         shipped_policy_history().unwrap()
     }
 
+    fn decisions(input: &str, known_at: &str) -> Value {
+        match evaluate_text(input, &history(), day(known_at)).unwrap() {
+            Ok(evaluated) => serde_json::to_value(evaluated).unwrap(),
+            Err(errors) => panic!("unexpected bad input: {errors:?}"),
+        }
+    }
+
+    fn bad_input(input: &str) -> Vec<String> {
+        match evaluate_text(input, &history(), day("2026-03-01")).unwrap() {
+            Ok(_) => panic!("expected bad input"),
+            Err(errors) => errors,
+        }
+    }
+
     #[test]
     fn evaluates_a_batch_with_the_policy_known_then() {
         let input = r#"[
@@ -194,9 +215,7 @@ mod tests {
            "patient_status":"established","level":3,"modality":"video",
            "patient_location":"home","site":"physician_office"}
         ]"#;
-        let output =
-            serde_json::to_value(evaluate_text(input, &history(), day("2025-10-15")).unwrap())
-                .unwrap();
+        let output = decisions(input, "2025-10-15");
         assert_eq!(output[0]["outcome"], "hold");
         assert_eq!(output[0]["policy_version"], 4);
         assert_eq!(output[1]["outcome"], "billable");
@@ -204,9 +223,7 @@ mod tests {
             output[1]["codes"],
             json!([{"code":"99213","modifiers":["95"],"pos":"10","units":1}])
         );
-        let later =
-            serde_json::to_value(evaluate_text(input, &history(), day("2025-11-20")).unwrap())
-                .unwrap();
+        let later = decisions(input, "2025-11-20");
         assert_eq!(later[0]["outcome"], "billable");
         assert_eq!(later[0]["policy_version"], 7);
     }
@@ -221,17 +238,34 @@ mod tests {
            "patient_status":"established","level":7,"modality":"video",
            "patient_location":"home","site":"physician_office"}
         ]"#;
-        let errors = evaluate_text(input, &history(), day("2026-03-01"))
-            .err()
-            .unwrap();
+        let errors = bad_input(input);
         assert_eq!(
             errors,
             vec!["scenario [1]: field `level`: E/M level 7 is not 1-5".to_owned()]
         );
-        let errors = evaluate_text("{", &history(), day("2026-03-01"))
+        let errors = bad_input("{");
+        assert!(errors[0].starts_with("input is not JSON"), "{errors:?}");
+        let single = r#"{"date_of_service":"2025-06-01","payer":"medicare","service":"rpm_month"}"#;
+        assert_eq!(
+            bad_input(single),
+            vec!["field `site` is missing".to_owned()]
+        );
+    }
+
+    #[test]
+    fn no_policy_known_then_is_not_an_input_error() {
+        let scenario = r#"{"date_of_service":"2025-06-01","payer":"medicare","service":"virtual_check_in",
+           "patient_status":"established","modality":"video","patient_location":"home",
+           "site":"physician_office"}"#;
+        let error = evaluate_text(scenario, &history(), day("2024-12-31"))
             .err()
             .unwrap();
-        assert!(errors[0].starts_with("input is not JSON"), "{errors:?}");
+        assert_eq!(
+            error.to_string(),
+            "no billing policy was known on 2024-12-31 (the first version was recorded 2025-01-01)"
+        );
+        let single = decisions(scenario, "2025-06-01");
+        assert_eq!(single["codes"][0]["code"], "98016");
     }
 
     #[test]
