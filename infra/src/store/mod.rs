@@ -35,7 +35,7 @@ use chartline_proto::{EventEnvelope, NewEvent, StreamId, TenantId};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-pub use any::{AnyStore, Subscription};
+pub use any::{AnyStore, DEFAULT_STORE_URL, Subscription};
 
 /// Default largest accepted event (data + metadata as JSON), configurable per store.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;

@@ -7,6 +7,7 @@
 
 mod billing_cmd;
 mod identity_cmd;
+mod store_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -29,11 +30,39 @@ enum Command {
     /// Patient identity matching for evaluation and bulk onboarding.
     #[command(subcommand)]
     Identity(identity_cmd::IdentityCommand),
+    /// Event store operations: append, read, verify, stats.
+    Store {
+        #[command(flatten)]
+        args: store_cmd::StoreArgs,
+        #[command(subcommand)]
+        command: store_cmd::StoreCommand,
+    },
+}
+
+/// Runs an async command on a multi-threaded runtime.
+fn block_on<F: std::future::Future<Output = anyhow::Result<std::process::ExitCode>>>(
+    future: F,
+) -> anyhow::Result<std::process::ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CHARTLINE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    init_tracing();
     let result = match cli.command {
+        Command::Store { args, command } => block_on(store_cmd::run(args, command)),
         Command::Billing(command) => billing_cmd::run(command),
         Command::Identity(command) => identity_cmd::run(command),
     };

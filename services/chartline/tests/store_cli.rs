@@ -1,0 +1,250 @@
+//! The `chartline store` CLI as an operator uses it, as real OS processes: exit codes for
+//! conflicts, bad input and broken chains, and crash atomicity — `kill -9` in the middle
+//! of a 1,000-event batch leaves the batch entirely there or entirely absent, on SQLite
+//! and on PostgreSQL, and the chain still verifies.
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_chartline");
+
+fn chartline(store: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["store", "--store", store])
+        .args(args)
+        .output()
+        .expect("run chartline")
+}
+
+fn temp_sqlite() -> (String, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("chartline_t_{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    (format!("sqlite://{}/events.db", dir.display()), dir)
+}
+
+fn stats_events(store: &str) -> u64 {
+    let output = chartline(store, &["stats"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    stats["events"].as_u64().unwrap()
+}
+
+#[test]
+fn exit_codes_tell_conflict_bad_input_and_broken_chain_apart() {
+    let (store, dir) = temp_sqlite();
+    let stream = format!("encounter-{}", uuid::Uuid::new_v4());
+    let ok = chartline(
+        &store,
+        &[
+            "append",
+            "--stream",
+            &stream,
+            "--expected",
+            "none",
+            "--type",
+            "Scheduled",
+            "--data",
+            "{\"n\":1}",
+        ],
+    );
+    assert!(ok.status.success());
+    let conflict = chartline(
+        &store,
+        &[
+            "append",
+            "--stream",
+            &stream,
+            "--expected",
+            "none",
+            "--type",
+            "Scheduled",
+            "--data",
+            "{}",
+        ],
+    );
+    assert_eq!(conflict.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&conflict.stderr);
+    assert!(
+        stderr.contains("expected version no stream, actual 1"),
+        "{stderr}"
+    );
+    for bad in [
+        vec![
+            "append",
+            "--stream",
+            "not a stream",
+            "--type",
+            "X",
+            "--data",
+            "{}",
+        ],
+        vec![
+            "append", "--stream", &stream, "--type", "X", "--data", "{nope",
+        ],
+        vec![
+            "append",
+            "--stream",
+            &stream,
+            "--type",
+            "X",
+            "--data",
+            "{}",
+            "--tenant",
+            "unknown-clinic",
+        ],
+        vec![
+            "append", "--stream", &stream, "--type", "bad.type", "--data", "{}",
+        ],
+        vec![
+            "append",
+            "--stream",
+            &stream,
+            "--expected",
+            "minus-one",
+            "--type",
+            "X",
+            "--data",
+            "{}",
+        ],
+    ] {
+        let output = chartline(&store, &bad);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{bad:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert_eq!(stats_events(&store), 1, "bad input stored something");
+    assert!(chartline(&store, &["verify"]).status.success());
+
+    // Tamper with the stored row: verify names the event and exits 4.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&format!("{store}?mode=rw"))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE events SET data = '{\"n\":2}'")
+            .execute(&pool)
+            .await
+            .unwrap();
+    });
+    let verify = chartline(&store, &["verify"]);
+    assert_eq!(verify.status.code(), Some(4));
+    let stdout = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        stdout.contains(&format!("BROKEN {stream} version 1")),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Starts a 1,000-event single-batch append and kills it with SIGKILL after `delay`.
+fn kill_mid_batch(store: &str, delay: Duration) {
+    let mut child = Command::new(BIN)
+        .args([
+            "store",
+            "--store",
+            store,
+            "bulk-append",
+            "--events",
+            "1000",
+            "--batch",
+            "1000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+}
+
+fn crash_leaves_whole_batches(store: &str) {
+    // Time one uninterrupted run, then spread the kills over 0..1.2× that time so some
+    // land before, some during and some after the commit, whatever the machine's speed.
+    let started = std::time::Instant::now();
+    let full = Command::new(BIN)
+        .args([
+            "store",
+            "--store",
+            store,
+            "bulk-append",
+            "--events",
+            "1000",
+            "--batch",
+            "1000",
+        ])
+        .output()
+        .unwrap();
+    assert!(full.status.success());
+    let full_run = started.elapsed();
+    let mut outcomes = std::collections::BTreeSet::new();
+    let mut previous = stats_events(store);
+    assert_eq!(previous, 1000);
+    for step in 0..24u32 {
+        kill_mid_batch(store, full_run * 6 * step / (5 * 24));
+        let events = stats_events(store);
+        assert_eq!(
+            events % 1000,
+            0,
+            "a partial batch survived a kill -9: {events} events"
+        );
+        outcomes.insert(events > previous);
+        previous = events;
+        let verify = chartline(store, &["verify"]);
+        assert!(
+            verify.status.success(),
+            "{}",
+            String::from_utf8_lossy(&verify.stdout)
+        );
+    }
+    // The kills landed on both sides of the commit at least once.
+    assert_eq!(
+        outcomes.len(),
+        2,
+        "kills never straddled the commit: {outcomes:?}"
+    );
+}
+
+#[test]
+fn kill_9_during_a_1000_event_batch_is_all_or_nothing_on_sqlite() {
+    let (store, dir) = temp_sqlite();
+    assert!(chartline(&store, &["stats"]).status.success());
+    crash_leaves_whole_batches(&store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn kill_9_during_a_1000_event_batch_is_all_or_nothing_on_postgres() {
+    let admin = std::env::var("CHARTLINE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let name = format!("chartline_t_{}", uuid::Uuid::new_v4().simple());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let pool = sqlx::PgPool::connect(&admin)
+            .await
+            .expect("PostgreSQL must be running (make services)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .unwrap();
+    });
+    let base = admin.rsplit_once('/').unwrap().0;
+    let store = format!("{base}/{name}");
+    assert!(chartline(&store, &["stats"]).status.success());
+    crash_leaves_whole_batches(&store);
+    runtime.block_on(async {
+        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&pool)
+        .await;
+    });
+}
