@@ -5,8 +5,10 @@
 
 #![forbid(unsafe_code)]
 
+mod bench_cmd;
 mod billing_cmd;
 mod identity_cmd;
+mod projections_cmd;
 mod store_cmd;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +39,18 @@ enum Command {
         #[command(subcommand)]
         command: store_cmd::StoreCommand,
     },
+    /// Projections: status, rebuild, dead letters.
+    Projections {
+        #[command(flatten)]
+        store: store_cmd::StoreArgs,
+        #[command(flatten)]
+        args: projections_cmd::ProjectionArgs,
+        #[command(subcommand)]
+        command: projections_cmd::ProjectionsCommand,
+    },
+    /// Benchmarks (release mode; see `make bench`).
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCommand),
 }
 
 /// Runs an async command on a multi-threaded runtime.
@@ -63,6 +77,12 @@ fn main() -> std::process::ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::Store { args, command } => block_on(store_cmd::run(args, command)),
+        Command::Projections {
+            store,
+            args,
+            command,
+        } => block_on(projections_cmd::run(store, args, command)),
+        Command::Bench(command) => block_on(bench_cmd::run(command)),
         Command::Billing(command) => billing_cmd::run(command),
         Command::Identity(command) => identity_cmd::run(command),
     };
