@@ -1,0 +1,653 @@
+//! The match index: known patients normalized once, blocked for sub-quadratic
+//! candidate search, and scored with a Fellegi–Sunter model estimated on them.
+//!
+//! Why it exists: it is the engine behind both the identity service (one registration
+//! at a time: [`MatchIndex::match_one`] → [`decide_outcome`]) and bulk work (file
+//! linkage and de-duplication: [`MatchIndex::link`], [`MatchIndex::dedupe`]). It is
+//! pure: no IO, no threads, no clock; the same inputs and seed give the same output.
+//!
+//! Decision order for a pair:
+//! 1. **Deterministic**: a shared trusted identifier (same MRN from the same assigning
+//!    authority) → `Certain`, score 1 — unless the demographics say the opposite
+//!    (Fellegi–Sunter below the `possible` threshold), then `Probable` for review.
+//! 2. **Probabilistic**: the Fellegi–Sunter probability, graded by thresholds, then the
+//!    *certainty guards*: a pair whose given names disagree (anything but exact or
+//!    nickname) or whose birth dates disagree beyond a typing error can never be
+//!    `Certain`, nor can one without a corroborating contact field (address, postal
+//!    code, phone or email). Twins share surname, birth date, address and phone —
+//!    everything but the given name —, a parent and child sharing a name differ only
+//!    in birth date, namesakes share name and birth date and nothing else; all of them
+//!    must go to a human, never be linked automatically.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::compare::{ComparisonVector, Field, MISSING, compare_records, level};
+use super::model::{EmSettings, GradeThresholds, MatchModel, PatternHistogram};
+use super::normalize::soundex;
+use super::prng::SplitMix64;
+use super::record::{NormalizedRecord, PatientRecord};
+use crate::patient::{Identifier, MatchCandidate, MatchGrade};
+
+/// Why an index could not be built (a caller error: split the input).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MatchIndexError {
+    #[error("{0} known records exceed the index limit of {max}", max = u32::MAX)]
+    TooManyRecords(usize),
+}
+
+/// Tunables. The defaults are the ones measured in `docs/identity.md`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MatchConfig {
+    pub thresholds: GradeThresholds,
+    /// Blocks larger than this are not searched (a placeholder value shared by
+    /// thousands of records says nothing and would make matching quadratic).
+    pub max_block_size: usize,
+    /// Random pairs compared to estimate `u`.
+    pub u_sample_pairs: usize,
+    /// Known records whose candidate pairs train `m` by EM at build time.
+    pub em_sample_records: usize,
+    pub em: EmSettings,
+    /// Below this many known records name frequencies are noise: no adjustment.
+    pub term_frequency_min_records: usize,
+    /// Bound on the term-frequency adjustment, in bits.
+    pub term_frequency_max_bits: f64,
+    /// Share of incoming registrations expected to be already-known patients; with the
+    /// number of known records it sets the prior λ used by `match_one`.
+    pub incoming_match_rate: f64,
+    pub seed: u64,
+}
+
+impl Default for MatchConfig {
+    fn default() -> Self {
+        MatchConfig {
+            thresholds: GradeThresholds::default(),
+            max_block_size: 2_000,
+            u_sample_pairs: 200_000,
+            em_sample_records: 5_000,
+            em: EmSettings::default(),
+            term_frequency_min_records: 200,
+            term_frequency_max_bits: 6.0,
+            incoming_match_rate: 0.5,
+            seed: 0x1D_E117,
+        }
+    }
+}
+
+/// One field's part in a score, for reviewers and logs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldComparison {
+    pub field: Field,
+    /// The level name, or `"missing"`.
+    pub level: &'static str,
+    /// `log2(m/u)`, term-frequency adjustment included; 0 when missing.
+    pub weight: f64,
+}
+
+/// A known record scored against an incoming one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScoredCandidate {
+    /// Position of the known record in the index (stable for the index's lifetime).
+    pub record_index: usize,
+    pub record_id: String,
+    /// Match probability in [0, 1].
+    pub score: f64,
+    pub grade: MatchGrade,
+    /// Sum of the field weights (bits of evidence, before the prior).
+    pub total_weight: f64,
+    /// Linked by a shared trusted identifier rather than by weights.
+    pub deterministic: bool,
+    pub trace: Vec<FieldComparison>,
+}
+
+impl ScoredCandidate {
+    /// The form the `Patient` aggregate records in a review request.
+    pub fn to_match_candidate(
+        &self,
+        candidate_patient_id: Option<Uuid>,
+        identifier: Option<Identifier>,
+    ) -> MatchCandidate {
+        MatchCandidate {
+            candidate_patient_id,
+            identifier,
+            score: self.score,
+            grade: self.grade,
+        }
+    }
+}
+
+/// What to do with an incoming registration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum MatchOutcome {
+    /// Exactly one certain candidate: link to it.
+    Link(ScoredCandidate),
+    /// Probable/possible candidates, or several certain ones: a human decides.
+    Review(Vec<ScoredCandidate>),
+    /// Nothing at possible or above: a new patient.
+    New,
+}
+
+/// Maps scored candidates to an outcome. Two "certain" candidates are a conflict (the
+/// known set itself has a duplicate): never pick one silently, send both to review.
+pub fn decide_outcome(mut candidates: Vec<ScoredCandidate>) -> MatchOutcome {
+    candidates.retain(|candidate| candidate.grade != MatchGrade::CertainlyNot);
+    candidates.sort_by(|left, right| right.score.total_cmp(&left.score));
+    let certain = candidates
+        .iter()
+        .filter(|candidate| candidate.grade == MatchGrade::Certain)
+        .count();
+    match (certain, candidates.is_empty()) {
+        (_, true) => MatchOutcome::New,
+        (1, false) => MatchOutcome::Link(candidates.swap_remove(0)),
+        _ => MatchOutcome::Review(candidates),
+    }
+}
+
+/// A compared pair in a batch (`left` indexes the batch's incoming records, or the
+/// index's records for de-duplication; `right` always indexes the index).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ScoredPair {
+    pub left: u32,
+    pub right: u32,
+    pub score: f64,
+    pub grade: MatchGrade,
+    pub deterministic: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchResult {
+    /// Every compared pair, certainly-not included, in left/right order.
+    pub pairs: Vec<ScoredPair>,
+    pub pairs_compared: u64,
+    /// The model the pairs were scored with.
+    pub model: MatchModel,
+}
+
+/// Blocking rules: a pair is compared when it shares at least one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockingRule {
+    BirthDate = 1,
+    FamilySoundexBirthYear = 2,
+    Phone = 3,
+    Email = 4,
+    PostalCodeGivenInitial = 5,
+    Identifier = 6,
+}
+
+/// FNV-1a over a rule tag and the key parts (deterministic across runs and platforms,
+/// unlike `std`'s randomly seeded hasher).
+fn blocking_hash(rule: BlockingRule, parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |byte: u8| {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    feed(rule as u8);
+    for part in parts {
+        part.iter().copied().for_each(&mut feed);
+        feed(0xff);
+    }
+    hash
+}
+
+fn blocking_keys(record: &NormalizedRecord, mut emit: impl FnMut(u64)) {
+    use chrono::Datelike;
+    if let Some(birth_date) = record.birth_date {
+        let days = birth_date.num_days_from_ce().to_le_bytes();
+        emit(blocking_hash(BlockingRule::BirthDate, &[&days]));
+        let surname_code = record
+            .family_parts()
+            .find(|part| part.len() >= 2)
+            .and_then(soundex);
+        if let Some(code) = surname_code {
+            let year = birth_date.year().to_le_bytes();
+            emit(blocking_hash(
+                BlockingRule::FamilySoundexBirthYear,
+                &[code.as_bytes(), &year],
+            ));
+        }
+    }
+    if let Some(phone) = &record.phone {
+        emit(blocking_hash(BlockingRule::Phone, &[phone.as_bytes()]));
+    }
+    if let Some(email) = &record.email {
+        emit(blocking_hash(BlockingRule::Email, &[email.as_bytes()]));
+    }
+    if let (Some(postal_code), Some(initial)) = (
+        &record.postal_code,
+        record.given_canonical().as_bytes().first(),
+    ) {
+        emit(blocking_hash(
+            BlockingRule::PostalCodeGivenInitial,
+            &[postal_code.as_bytes(), &[*initial]],
+        ));
+    }
+    for identifier in record.identifiers.iter() {
+        emit(blocking_hash(
+            BlockingRule::Identifier,
+            &[identifier.system.as_bytes(), identifier.value.as_bytes()],
+        ));
+    }
+}
+
+fn shares_identifier(left: &NormalizedRecord, right: &NormalizedRecord) -> bool {
+    left.identifiers
+        .iter()
+        .any(|identifier| right.identifiers.contains(identifier))
+}
+
+struct PairScore {
+    total_weight: f64,
+    probability: f64,
+    grade: MatchGrade,
+    deterministic: bool,
+}
+
+/// The known patients, their blocking index and the model.
+#[derive(Debug, Clone)]
+pub struct MatchIndex {
+    records: Vec<NormalizedRecord>,
+    /// Sorted blocking keys and, at the same positions, the record they came from.
+    block_keys: Vec<u64>,
+    block_records: Vec<u32>,
+    given_frequencies: HashMap<Box<str>, u32>,
+    family_frequencies: HashMap<Box<str>, u32>,
+    /// `m` from EM at build time, `u` from random known pairs, λ from
+    /// `incoming_match_rate`.
+    model: MatchModel,
+    config: MatchConfig,
+}
+
+impl MatchIndex {
+    pub fn build(known: Vec<PatientRecord>) -> Result<Self, MatchIndexError> {
+        Self::build_with(known, MatchConfig::default())
+    }
+
+    /// Normalizes the records as they arrive (a caller can stream a million records
+    /// without holding the raw and normalized forms together), then indexes and
+    /// estimates the model.
+    pub fn build_with(
+        known: impl IntoIterator<Item = PatientRecord>,
+        config: MatchConfig,
+    ) -> Result<Self, MatchIndexError> {
+        let records: Vec<NormalizedRecord> =
+            known.into_iter().map(|record| record.normalize()).collect();
+        Self::from_normalized(records, config)
+    }
+
+    pub fn from_normalized(
+        records: Vec<NormalizedRecord>,
+        config: MatchConfig,
+    ) -> Result<Self, MatchIndexError> {
+        if u32::try_from(records.len()).is_err() {
+            return Err(MatchIndexError::TooManyRecords(records.len()));
+        }
+        let mut given_frequencies: HashMap<Box<str>, u32> = HashMap::new();
+        let mut family_frequencies: HashMap<Box<str>, u32> = HashMap::new();
+        let mut entries: Vec<(u64, u32)> = Vec::with_capacity(records.len() * 5);
+        for (position, record) in records.iter().enumerate() {
+            if !record.given.is_empty() {
+                *given_frequencies.entry(record.given.clone()).or_insert(0) += 1;
+            }
+            if !record.family.is_empty() {
+                *family_frequencies.entry(record.family.clone()).or_insert(0) += 1;
+            }
+            blocking_keys(record, |key| entries.push((key, position as u32)));
+        }
+        entries.sort_unstable();
+        entries.dedup();
+        let (block_keys, block_records) = entries.into_iter().unzip();
+        let mut index = MatchIndex {
+            records,
+            block_keys,
+            block_records,
+            given_frequencies,
+            family_frequencies,
+            model: MatchModel::starting_priors(),
+            config,
+        };
+        index.estimate_model();
+        Ok(index)
+    }
+
+    /// `u` from random pairs, then `m` by EM on the candidate pairs of a sample of the
+    /// known records against all of them.
+    fn estimate_model(&mut self) {
+        let count = self.records.len();
+        let mut rng = SplitMix64::new(self.config.seed);
+        let mut random_pairs = PatternHistogram::default();
+        let all_pairs = count.saturating_mul(count.saturating_sub(1)) / 2;
+        if all_pairs <= self.config.u_sample_pairs {
+            for left in 0..count {
+                for right in left + 1..count {
+                    random_pairs.add(compare_records(&self.records[left], &self.records[right]));
+                }
+            }
+        } else {
+            for _ in 0..self.config.u_sample_pairs {
+                let left = rng.index(count);
+                let mut right = rng.index(count - 1);
+                if right >= left {
+                    right += 1;
+                }
+                random_pairs.add(compare_records(&self.records[left], &self.records[right]));
+            }
+        }
+        let with_u = MatchModel::starting_priors().with_u_from_random_pairs(&random_pairs);
+
+        let mut candidate_pairs: Vec<ComparisonVector> = Vec::new();
+        let mut candidates = Vec::new();
+        let sample = self.config.em_sample_records.min(count);
+        for step in 0..sample {
+            let left = step * count / sample;
+            self.candidates_into(&self.records[left], &mut candidates);
+            for &right in &candidates {
+                let right = right as usize;
+                // Whole set: each unordered pair once. Sample: every other record.
+                if (sample == count && right > left) || (sample < count && right != left) {
+                    candidate_pairs
+                        .push(compare_records(&self.records[left], &self.records[right]));
+                }
+            }
+        }
+        let (mut model, _) = with_u.with_m_from_em_sessions(&candidate_pairs, &self.config.em);
+        model.set_prior_probability(self.config.incoming_match_rate / count.max(1) as f64);
+        self.model = model;
+    }
+
+    /// The model `match_one` scores with.
+    pub fn model(&self) -> &MatchModel {
+        &self.model
+    }
+
+    pub fn config(&self) -> &MatchConfig {
+        &self.config
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn record(&self, index: usize) -> &NormalizedRecord {
+        &self.records[index]
+    }
+
+    /// Known records sharing a blocking key with `record`, ascending, without repeats.
+    fn candidates_into(&self, record: &NormalizedRecord, out: &mut Vec<u32>) {
+        out.clear();
+        blocking_keys(record, |key| {
+            let start = self
+                .block_keys
+                .partition_point(|candidate| *candidate < key);
+            let length = self.block_keys[start..].partition_point(|candidate| *candidate == key);
+            if length <= self.config.max_block_size {
+                out.extend_from_slice(&self.block_records[start..start + length]);
+            }
+        });
+        out.sort_unstable();
+        out.dedup();
+    }
+
+    fn term_frequency_adjustment(
+        &self,
+        model: &MatchModel,
+        field: Field,
+        frequencies: &HashMap<Box<str>, u32>,
+        value: &str,
+    ) -> f64 {
+        let count = self.records.len();
+        if count < self.config.term_frequency_min_records {
+            return 0.0;
+        }
+        let occurrences = frequencies.get(value).copied().unwrap_or(1).max(1);
+        let frequency = f64::from(occurrences) / count as f64;
+        let average_agreement = model.field(field).u[0];
+        let bound = self.config.term_frequency_max_bits;
+        (average_agreement / frequency).log2().clamp(-bound, bound)
+    }
+
+    /// Per-field weights of a pair under `model`, with the term-frequency adjustment
+    /// on exact name agreement (a shared rare surname is stronger evidence than a
+    /// shared "Smith").
+    fn field_weights(
+        &self,
+        model: &MatchModel,
+        left: &NormalizedRecord,
+        vector: &ComparisonVector,
+    ) -> [f64; super::compare::FIELD_COUNT] {
+        let mut weights = [0.0; super::compare::FIELD_COUNT];
+        for field in Field::ALL {
+            let level = vector[field.index()];
+            let mut weight = model.weight(field, level);
+            if field == Field::GivenName && level == level::GIVEN_EXACT {
+                weight += self.term_frequency_adjustment(
+                    model,
+                    field,
+                    &self.given_frequencies,
+                    &left.given,
+                );
+            }
+            if field == Field::FamilyName && level == level::FAMILY_EXACT {
+                weight += self.term_frequency_adjustment(
+                    model,
+                    field,
+                    &self.family_frequencies,
+                    &left.family,
+                );
+            }
+            weights[field.index()] = weight;
+        }
+        weights
+    }
+
+    fn score_pair(
+        &self,
+        model: &MatchModel,
+        left: &NormalizedRecord,
+        right: &NormalizedRecord,
+        vector: &ComparisonVector,
+    ) -> PairScore {
+        let total_weight: f64 = self.field_weights(model, left, vector).iter().sum();
+        let probability = model.probability(total_weight);
+        let thresholds = &self.config.thresholds;
+        if shares_identifier(left, right) {
+            let (probability, grade) = if probability >= thresholds.possible() {
+                (1.0, MatchGrade::Certain)
+            } else {
+                (probability, MatchGrade::Probable)
+            };
+            return PairScore {
+                total_weight,
+                probability,
+                grade,
+                deterministic: true,
+            };
+        }
+        let mut grade = thresholds.grade(probability);
+        if grade == MatchGrade::Certain && !passes_certainty_guards(vector) {
+            grade = MatchGrade::Probable;
+        }
+        PairScore {
+            total_weight,
+            probability,
+            grade,
+            deterministic: false,
+        }
+    }
+
+    /// Scores one incoming record against the known patients: candidates graded
+    /// possible or better, best first, each with its field trace.
+    pub fn match_one(&self, incoming: &PatientRecord) -> Vec<ScoredCandidate> {
+        self.match_normalized(&incoming.normalize())
+    }
+
+    pub fn match_normalized(&self, incoming: &NormalizedRecord) -> Vec<ScoredCandidate> {
+        let mut candidates = Vec::new();
+        self.candidates_into(incoming, &mut candidates);
+        let mut scored: Vec<ScoredCandidate> = candidates
+            .into_iter()
+            .filter_map(|right| {
+                let known = &self.records[right as usize];
+                let vector = compare_records(incoming, known);
+                let score = self.score_pair(&self.model, incoming, known, &vector);
+                (score.grade != MatchGrade::CertainlyNot).then(|| {
+                    let weights = self.field_weights(&self.model, incoming, &vector);
+                    ScoredCandidate {
+                        record_index: right as usize,
+                        record_id: known.record_id.to_string(),
+                        score: score.probability,
+                        grade: score.grade,
+                        total_weight: score.total_weight,
+                        deterministic: score.deterministic,
+                        trace: trace(&vector, &weights),
+                    }
+                })
+            })
+            .collect();
+        scored.sort_by(|left, right| right.score.total_cmp(&left.score));
+        scored
+    }
+
+    /// Decides what to do with one incoming registration.
+    pub fn outcome(&self, incoming: &PatientRecord) -> MatchOutcome {
+        decide_outcome(self.match_one(incoming))
+    }
+
+    /// Links a batch of incoming records to the known ones. With `reestimate`, `m` is
+    /// re-fitted by EM on this batch's candidate pairs and λ becomes the estimated
+    /// number of matches over all incoming × known pairs.
+    pub fn link(&self, incoming: &[PatientRecord], reestimate: bool) -> BatchResult {
+        let normalized: Vec<NormalizedRecord> =
+            incoming.iter().map(PatientRecord::normalize).collect();
+        let mut compared: Vec<(u32, u32, ComparisonVector)> = Vec::new();
+        let mut candidates = Vec::new();
+        for (left, record) in normalized.iter().enumerate() {
+            self.candidates_into(record, &mut candidates);
+            for &right in &candidates {
+                let vector = compare_records(record, &self.records[right as usize]);
+                compared.push((left as u32, right, vector));
+            }
+        }
+        let all_pairs = normalized.len() as f64 * self.records.len() as f64;
+        let model = self.batch_model(&compared, reestimate, all_pairs);
+        let pairs = compared
+            .iter()
+            .map(|(left, right, vector)| {
+                let score = self.score_pair(
+                    &model,
+                    &normalized[*left as usize],
+                    &self.records[*right as usize],
+                    vector,
+                );
+                scored_pair(*left, *right, &score)
+            })
+            .collect();
+        BatchResult {
+            pairs,
+            pairs_compared: compared.len() as u64,
+            model,
+        }
+    }
+
+    /// Finds duplicates among the known records themselves (each pair once,
+    /// `left < right`).
+    pub fn dedupe(&self, reestimate: bool) -> BatchResult {
+        let mut compared: Vec<(u32, u32, ComparisonVector)> = Vec::new();
+        let mut candidates = Vec::new();
+        for (left, record) in self.records.iter().enumerate() {
+            self.candidates_into(record, &mut candidates);
+            for &right in candidates.iter().filter(|right| **right as usize > left) {
+                let vector = compare_records(record, &self.records[right as usize]);
+                compared.push((left as u32, right, vector));
+            }
+        }
+        let count = self.records.len() as f64;
+        let model = self.batch_model(&compared, reestimate, count * (count - 1.0) / 2.0);
+        let pairs = compared
+            .iter()
+            .map(|(left, right, vector)| {
+                let score = self.score_pair(
+                    &model,
+                    &self.records[*left as usize],
+                    &self.records[*right as usize],
+                    vector,
+                );
+                scored_pair(*left, *right, &score)
+            })
+            .collect();
+        BatchResult {
+            pairs,
+            pairs_compared: compared.len() as u64,
+            model,
+        }
+    }
+
+    fn batch_model(
+        &self,
+        compared: &[(u32, u32, ComparisonVector)],
+        reestimate: bool,
+        all_pairs: f64,
+    ) -> MatchModel {
+        if !reestimate || compared.is_empty() {
+            return self.model.clone();
+        }
+        let vectors: Vec<ComparisonVector> =
+            compared.iter().map(|(_, _, vector)| *vector).collect();
+        let (mut model, report) = self
+            .model
+            .with_m_from_em_sessions(&vectors, &self.config.em);
+        model.set_prior_probability(report.expected_matches.max(1.0) / all_pairs.max(1.0));
+        model
+    }
+}
+
+fn scored_pair(left: u32, right: u32, score: &PairScore) -> ScoredPair {
+    ScoredPair {
+        left,
+        right,
+        score: score.probability,
+        grade: score.grade,
+        deterministic: score.deterministic,
+    }
+}
+
+/// The certainty guards (see the module doc): `Certain` needs agreeing given names
+/// (exact or nickname), birth dates equal up to a typing error, and at least one
+/// corroborating contact field (same address or postal code, same or nearly the same
+/// phone or email) — name and birth date alone are shared by namesakes.
+pub fn passes_certainty_guards(vector: &ComparisonVector) -> bool {
+    let given = vector[Field::GivenName.index()];
+    let birth_date = vector[Field::BirthDate.index()];
+    let corroborated = matches!(vector[Field::Household.index()], 0..=3)
+        || matches!(vector[Field::Email.index()], 0 | 1);
+    matches!(given, level::GIVEN_EXACT | level::GIVEN_NICKNAME)
+        && matches!(
+            birth_date,
+            level::DATE_EXACT | level::DATE_SWAPPED | level::DATE_TYPO
+        )
+        && corroborated
+}
+
+fn trace(vector: &ComparisonVector, weights: &[f64]) -> Vec<FieldComparison> {
+    Field::ALL
+        .iter()
+        .map(|field| {
+            let level = vector[field.index()];
+            FieldComparison {
+                field: *field,
+                level: if level == MISSING {
+                    "missing"
+                } else {
+                    field.level_names()[usize::from(level)]
+                },
+                weight: weights[field.index()],
+            }
+        })
+        .collect()
+}
