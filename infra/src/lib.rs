@@ -6,6 +6,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bus;
+pub mod checkpoint;
+pub mod command;
 pub mod store;
 
 pub use store::{

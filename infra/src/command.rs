@@ -1,0 +1,400 @@
+//! The command path every service shares: load the stream, fold it, call the pure
+//! `decide`, append with the expected version, retry on conflict (bounded), reply.
+//!
+//! Idempotency: a command carries a client-chosen `command_id`, recorded as the
+//! `causation_id` of every event it causes, and the event ids are derived from it
+//! deterministically. Re-sending an accepted command finds its events on the stream and
+//! returns the same reply without appending; a retry racing the original is
+//! deduplicated by the store on the derived event ids. (EventStoreDB keeps subscription
+//! checkpoints and idempotency the same way: in the streams themselves.)
+
+use std::time::Duration;
+
+use chartline_domain::Aggregate;
+use chartline_proto::codec::{DomainEvent, decode, encode};
+use chartline_proto::commands::{CommandReply, CommandRequest, RejectionCode};
+use chartline_proto::{Actor, EventEnvelope, Metadata, NewEvent, StreamId, TenantId};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::bus::{Bus, BusMessage};
+use crate::store::{EventStore, ExpectedVersion, StoreError, read_whole_stream};
+
+/// How often a command is re-decided after losing an optimistic-concurrency race.
+pub const MAX_CONFLICT_RETRIES: u32 = 8;
+
+/// Who sent a command and why; becomes the events' metadata.
+#[derive(Debug, Clone)]
+pub struct CommandContext {
+    pub tenant: TenantId,
+    pub command_id: Uuid,
+    pub actor: Actor,
+    pub correlation_id: Uuid,
+    /// The service that handles the command (recorded as the events' source).
+    pub source: String,
+}
+
+/// Deterministic event id for the `index`-th event a command causes on a stream at a
+/// version: a retry that decides the same events produces the same ids.
+pub fn derived_event_id(command_id: Uuid, stream: &StreamId, version: u64) -> Uuid {
+    let mut hasher = Sha256::new();
+    hasher.update(command_id.as_bytes());
+    hasher.update(stream.as_str().as_bytes());
+    hasher.update(version.to_be_bytes());
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+fn rejected(code: RejectionCode, message: impl Into<String>) -> CommandReply {
+    CommandReply::Rejected {
+        code,
+        message: message.into(),
+    }
+}
+
+fn store_rejection(error: StoreError) -> CommandReply {
+    match error {
+        StoreError::Unavailable(message) => rejected(RejectionCode::Unavailable, message),
+        StoreError::UnknownTenant(tenant) => rejected(
+            RejectionCode::UnauthorizedTenant,
+            format!("unknown tenant {tenant}"),
+        ),
+        StoreError::ForeignStream(stream) => rejected(
+            RejectionCode::UnauthorizedTenant,
+            format!("{stream} is not accessible to this tenant"),
+        ),
+        StoreError::Conflict { .. } => rejected(RejectionCode::Conflict, error.to_string()),
+        other => rejected(RejectionCode::Validation, other.to_string()),
+    }
+}
+
+/// Runs one command against one aggregate stream. Never panics on bad input; every
+/// outcome is a [`CommandReply`].
+pub async fn execute<A, S>(
+    store: &S,
+    stream: &StreamId,
+    command: &A::Command,
+    context: &CommandContext,
+) -> CommandReply
+where
+    A: Aggregate,
+    A::Event: DomainEvent,
+    S: EventStore,
+{
+    for _attempt in 0..=MAX_CONFLICT_RETRIES {
+        let history = match read_whole_stream(store, &context.tenant, stream).await {
+            Ok(history) => history,
+            Err(error) => return store_rejection(error),
+        };
+        if let Some(reply) = prior_reply(stream, &history, context.command_id) {
+            return reply;
+        }
+        let mut state = A::default();
+        for envelope in &history {
+            match decode::<A::Event>(envelope) {
+                Ok(event) => state.apply(&event),
+                Err(error) => {
+                    return rejected(
+                        RejectionCode::Unavailable,
+                        format!("stream {stream} holds an unreadable event: {error}"),
+                    );
+                }
+            }
+        }
+        let produced = match state.decide(command) {
+            Ok(events) => events,
+            Err(error) => return rejected(RejectionCode::Invariant, error.to_string()),
+        };
+        let version = history.last().map_or(0, |e| e.stream_version);
+        if produced.is_empty() {
+            return CommandReply::Accepted {
+                stream_id: stream.clone(),
+                version,
+                global_position: 0,
+                event_ids: vec![],
+            };
+        }
+        let events: Vec<NewEvent> = produced
+            .iter()
+            .enumerate()
+            .map(|(index, event)| to_new_event(event, stream, version + 1 + index as u64, context))
+            .collect();
+        let event_ids = events.iter().map(|e| e.event_id).collect();
+        let expected = match version {
+            0 => ExpectedVersion::NoStream,
+            v => ExpectedVersion::Exact(v),
+        };
+        match store
+            .append(&context.tenant, stream, expected, events)
+            .await
+        {
+            Ok(result) => {
+                return CommandReply::Accepted {
+                    stream_id: stream.clone(),
+                    version: result.last_version,
+                    global_position: result.last_position,
+                    event_ids,
+                };
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(error) => return store_rejection(error),
+        }
+    }
+    rejected(
+        RejectionCode::Conflict,
+        format!("{stream} kept changing; gave up after {MAX_CONFLICT_RETRIES} retries"),
+    )
+}
+
+fn to_new_event<E: DomainEvent>(
+    event: &E,
+    stream: &StreamId,
+    version: u64,
+    context: &CommandContext,
+) -> NewEvent {
+    let encoded = encode(event);
+    let occurred_at = serde_json::to_value(event)
+        .ok()
+        .and_then(|v| v["data"]["at"].as_str().map(str::to_owned))
+        .and_then(|at| chrono::DateTime::parse_from_rfc3339(&at).ok())
+        .map_or_else(chrono::Utc::now, |at| at.with_timezone(&chrono::Utc));
+    NewEvent {
+        event_id: derived_event_id(context.command_id, stream, version),
+        event_type: encoded.event_type.to_string(),
+        schema_version: encoded.schema_version,
+        data: encoded.data,
+        metadata: Metadata {
+            tenant: context.tenant.clone(),
+            actor: context.actor.clone(),
+            correlation_id: context.correlation_id,
+            causation_id: Some(context.command_id),
+            source: context.source.clone(),
+            occurred_at,
+            contains_phi: encoded.contains_phi,
+        },
+    }
+}
+
+/// The reply a command already got, if its events are on the stream.
+fn prior_reply(
+    stream: &StreamId,
+    history: &[EventEnvelope],
+    command_id: Uuid,
+) -> Option<CommandReply> {
+    let caused: Vec<&EventEnvelope> = history
+        .iter()
+        .filter(|e| e.metadata.causation_id == Some(command_id))
+        .collect();
+    let last = caused.last()?;
+    Some(CommandReply::Accepted {
+        stream_id: stream.clone(),
+        version: last.stream_version,
+        global_position: last.global_position,
+        event_ids: caused.iter().map(|e| e.event_id).collect(),
+    })
+}
+
+/// A service's command table: the names it accepts (the last subject token) and the
+/// payload field that names the aggregate instance.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceSpec {
+    pub name: &'static str,
+    pub commands: &'static [&'static str],
+    /// Payload field holding the aggregate id (`encounter_id`, `patient_id`, …).
+    pub target_field: &'static str,
+}
+
+/// Parses and routes one raw command message: subject `…cmd.<tenant>.<service>.<command>`,
+/// body `CommandRequest` whose payload is the command's fields plus the target id.
+pub async fn handle_message<A, S>(
+    spec: &ServiceSpec,
+    store: &S,
+    subject: &str,
+    body: &[u8],
+) -> CommandReply
+where
+    A: Aggregate,
+    A::Event: DomainEvent,
+    A::Command: serde::de::DeserializeOwned + serde::Serialize,
+    S: EventStore,
+{
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let [.., kind, tenant, service, command_name] = tokens.as_slice() else {
+        return rejected(
+            RejectionCode::UnknownCommand,
+            format!("bad subject {subject}"),
+        );
+    };
+    if *kind != "cmd" || *service != spec.name {
+        return rejected(
+            RejectionCode::UnknownCommand,
+            format!("bad subject {subject}"),
+        );
+    }
+    let tenant = match TenantId::parse(tenant) {
+        Ok(tenant) => tenant,
+        Err(error) => return rejected(RejectionCode::UnauthorizedTenant, error.to_string()),
+    };
+    if !spec.commands.contains(command_name) {
+        return rejected(
+            RejectionCode::UnknownCommand,
+            format!(
+                "{} has no command {command_name}; it takes {:?}",
+                spec.name, spec.commands
+            ),
+        );
+    }
+    let request: CommandRequest<Value> = match serde_json::from_slice(body) {
+        Ok(request) => request,
+        Err(error) => {
+            return rejected(
+                RejectionCode::Validation,
+                format!("malformed command: {error}"),
+            );
+        }
+    };
+    let Value::Object(mut payload) = request.payload else {
+        return rejected(RejectionCode::Validation, "payload must be a JSON object");
+    };
+    let target = match payload
+        .get(spec.target_field)
+        .and_then(Value::as_str)
+        .map(Uuid::parse_str)
+    {
+        Some(Ok(id)) => id,
+        _ => {
+            return rejected(
+                RejectionCode::Validation,
+                format!("payload.{} must be a UUID", spec.target_field),
+            );
+        }
+    };
+    // The target id also stays in the payload when the command itself carries it
+    // (e.g. `schedule`); otherwise it is not a field of the command.
+    let mut command_value = payload.clone();
+    command_value.insert("command".into(), Value::String((*command_name).to_string()));
+    let command: A::Command = match serde_json::from_value(Value::Object(command_value)) {
+        Ok(command) => command,
+        Err(first_error) => {
+            payload.remove(spec.target_field);
+            payload.insert("command".into(), Value::String((*command_name).to_string()));
+            match serde_json::from_value(Value::Object(payload)) {
+                Ok(command) => command,
+                Err(_) => {
+                    return rejected(
+                        RejectionCode::Validation,
+                        format!("invalid {command_name} payload: {first_error}"),
+                    );
+                }
+            }
+        }
+    };
+    // A command that names its own target (schedule's encounter_id) must agree.
+    let own_target = serde_json::to_value(&command).ok().and_then(|v| {
+        v.get(spec.target_field)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    });
+    if own_target.is_some_and(|own| own != target.to_string()) {
+        return rejected(
+            RejectionCode::Validation,
+            format!("payload.{} disagrees with the command", spec.target_field),
+        );
+    }
+    let stream = StreamId::for_aggregate(A::CATEGORY, target);
+    let context = CommandContext {
+        tenant,
+        command_id: request.command_id,
+        actor: request.actor,
+        correlation_id: request.correlation_id.unwrap_or(request.command_id),
+        source: spec.name.to_string(),
+    };
+    execute::<A, S>(store, &stream, &command, &context).await
+}
+
+/// Serves a service's commands on the bus until `shutdown` resolves, then drains the
+/// commands in flight (graceful shutdown: nothing accepted is abandoned mid-way).
+pub async fn serve_commands<A, S>(
+    spec: ServiceSpec,
+    bus: Bus,
+    store: S,
+    root: &str,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), crate::bus::BusError>
+where
+    A: Aggregate + Send + 'static,
+    A::Event: DomainEvent + Send,
+    A::Command: serde::de::DeserializeOwned + serde::Serialize + Send + Sync,
+    S: EventStore,
+{
+    let mut subscription = bus
+        .queue_subscribe(
+            &format!("{root}.cmd.*.{}.*", spec.name),
+            &format!("chartline-{}", spec.name),
+        )
+        .await?;
+    let mut in_flight = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let message: BusMessage = tokio::select! {
+            message = subscription.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        // Reap finished handlers so the set stays small.
+        while in_flight.try_join_next().is_some() {}
+        let store = store.clone();
+        in_flight.spawn(async move {
+            let reply =
+                handle_message::<A, S>(&spec, &store, &message.subject, &message.payload).await;
+            let body = serde_json::to_vec(&reply).expect("replies serialize");
+            message.respond(body).await;
+        });
+    }
+    drop(subscription);
+    let drain = async { while in_flight.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(30), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            service = spec.name,
+            "shutdown: commands still running after 30 s"
+        );
+    }
+    Ok(())
+}
+
+/// Client side: sends a command over the bus and parses the reply. Bus failures become
+/// `unavailable` rejections (the caller may retry with the same command id).
+pub async fn send_command<P: serde::Serialize>(
+    bus: &Bus,
+    root: &str,
+    tenant: &TenantId,
+    service: &str,
+    command: &str,
+    request: &CommandRequest<P>,
+    timeout: Duration,
+) -> CommandReply {
+    let subject = format!("{root}.cmd.{tenant}.{service}.{command}");
+    let body = match serde_json::to_vec(request) {
+        Ok(body) => body,
+        Err(error) => return rejected(RejectionCode::Validation, error.to_string()),
+    };
+    match bus.request(&subject, body, timeout).await {
+        Ok(reply) => serde_json::from_slice(&reply).unwrap_or_else(|e| {
+            rejected(RejectionCode::Unavailable, format!("unreadable reply: {e}"))
+        }),
+        Err(crate::bus::BusError::NoResponders(subject)) => rejected(
+            RejectionCode::Unavailable,
+            format!("no service answers on {subject}"),
+        ),
+        Err(error) => rejected(RejectionCode::Unavailable, error.to_string()),
+    }
+}
