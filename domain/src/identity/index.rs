@@ -651,3 +651,308 @@ fn trace(vector: &ComparisonVector, weights: &[f64]) -> Vec<FieldComparison> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::synthetic::{Population, clean_record};
+    use crate::patient::Sex;
+    use chrono::NaiveDate;
+
+    /// A realistic known set (so that u and term frequencies mean something) plus the
+    /// hand-written records under test.
+    fn index_with(extra: Vec<PatientRecord>) -> MatchIndex {
+        let mut known: Vec<PatientRecord> = Population::new(99)
+            .people(3_000)
+            .iter()
+            .enumerate()
+            .map(|(position, person)| clean_record(person, format!("P{position}")))
+            .collect();
+        known.extend(extra);
+        let config = MatchConfig {
+            u_sample_pairs: 30_000,
+            ..MatchConfig::default()
+        };
+        MatchIndex::build_with(known, config).unwrap()
+    }
+
+    fn margaret() -> PatientRecord {
+        PatientRecord {
+            record_id: "margaret".into(),
+            given_name: "Margaret".into(),
+            family_name: "Okonkwo-Reyes".into(),
+            birth_date: NaiveDate::from_ymd_opt(1961, 7, 4),
+            sex: Some(Sex::Female),
+            address_line: Some("4410 Willow Lane Apt 2".into()),
+            city: Some("Omaha".into()),
+            state: Some("NE".into()),
+            postal_code: Some("68104".into()),
+            phone: Some("402-555-0147".into()),
+            email: Some("m.okonkwo@example.org".into()),
+            identifiers: vec![Identifier {
+                system: "urn:ehr".into(),
+                value: "MRN-1".into(),
+            }],
+        }
+    }
+
+    fn twin_of_margaret() -> PatientRecord {
+        PatientRecord {
+            record_id: "twin".into(),
+            given_name: "Daniel".into(),
+            sex: Some(Sex::Male),
+            email: Some("dan.okonkwo@example.org".into()),
+            identifiers: vec![Identifier {
+                system: "urn:ehr".into(),
+                value: "MRN-2".into(),
+            }],
+            ..margaret()
+        }
+    }
+
+    fn find<'a>(candidates: &'a [ScoredCandidate], id: &str) -> Option<&'a ScoredCandidate> {
+        candidates
+            .iter()
+            .find(|candidate| candidate.record_id == id)
+    }
+
+    #[test]
+    fn a_reformatted_record_with_a_nickname_links_certainly() {
+        let index = index_with(vec![margaret(), twin_of_margaret()]);
+        let intake = PatientRecord {
+            record_id: "intake".into(),
+            given_name: "PEGGY".into(),
+            family_name: "okonkwo reyes".into(),
+            address_line: Some("4410 WILLOW LN #2".into()),
+            phone: Some("(402) 555 0147".into()),
+            email: None,
+            identifiers: vec![],
+            ..margaret()
+        };
+        let candidates = index.match_one(&intake);
+        let best = &candidates[0];
+        assert_eq!(best.record_id, "margaret");
+        assert_eq!(best.grade, MatchGrade::Certain);
+        assert!(!best.deterministic);
+        assert!(best.score > 0.999, "{best:?}");
+        let levels: Vec<(&str, &str)> = best
+            .trace
+            .iter()
+            .map(|comparison| (comparison.field.name(), comparison.level))
+            .collect();
+        assert_eq!(
+            levels,
+            [
+                ("given_name", "nickname"),
+                ("family_name", "exact"),
+                ("birth_date", "exact"),
+                ("sex", "agree"),
+                ("household", "same_address_and_phone"),
+                ("email", "missing"),
+            ]
+        );
+        assert_eq!(best.trace[5].weight, 0.0);
+        // The twin brother is a candidate, but never certain.
+        let twin = find(&candidates, "twin").expect("twin is compared");
+        assert_ne!(twin.grade, MatchGrade::Certain);
+        match decide_outcome(candidates) {
+            MatchOutcome::Link(candidate) => assert_eq!(candidate.record_id, "margaret"),
+            other => panic!("expected a link, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_twin_is_never_linked_even_with_everything_else_shared() {
+        let index = index_with(vec![margaret()]);
+        let mut intake = twin_of_margaret();
+        intake.email = None;
+        intake.identifiers.clear();
+        let candidates = index.match_one(&intake);
+        let margaret = find(&candidates, "margaret").expect("compared");
+        assert_eq!(margaret.grade, MatchGrade::Probable);
+        assert!(matches!(index.outcome(&intake), MatchOutcome::Review(_)));
+    }
+
+    #[test]
+    fn a_shared_mrn_is_deterministic_unless_demographics_contradict_it() {
+        let index = index_with(vec![margaret()]);
+        let sparse = PatientRecord {
+            record_id: "intake".into(),
+            given_name: "Margaret".into(),
+            family_name: "Okonkwo-Reyes".into(),
+            birth_date: NaiveDate::from_ymd_opt(1961, 7, 4),
+            identifiers: vec![Identifier {
+                system: " urn:ehr".into(),
+                value: "mrn-1".into(),
+            }],
+            ..PatientRecord::default()
+        };
+        let best = &index.match_one(&sparse)[0];
+        assert_eq!(
+            (best.record_id.as_str(), best.grade, best.score),
+            ("margaret", MatchGrade::Certain, 1.0)
+        );
+        assert!(best.deterministic);
+
+        // Same MRN, but another person entirely: a data-entry error, sent to review.
+        let contradicting = PatientRecord {
+            record_id: "intake".into(),
+            given_name: "Bartholomew".into(),
+            family_name: "Zimmerman".into(),
+            birth_date: NaiveDate::from_ymd_opt(2011, 1, 30),
+            sex: Some(Sex::Male),
+            identifiers: sparse.identifiers.clone(),
+            ..PatientRecord::default()
+        };
+        let best = &index.match_one(&contradicting)[0];
+        assert_eq!(best.grade, MatchGrade::Probable);
+        assert!(best.deterministic && best.score < 0.3, "{best:?}");
+
+        // Same MRN value from another assigning authority means nothing.
+        let other_system = PatientRecord {
+            identifiers: vec![Identifier {
+                system: "urn:other-ehr".into(),
+                value: "MRN-1".into(),
+            }],
+            ..contradicting
+        };
+        assert!(
+            index
+                .match_one(&other_system)
+                .iter()
+                .all(|candidate| candidate.record_id != "margaret")
+        );
+    }
+
+    #[test]
+    fn a_stranger_is_a_new_patient() {
+        let index = index_with(vec![margaret()]);
+        let stranger = PatientRecord {
+            record_id: "intake".into(),
+            given_name: "Xiomara".into(),
+            family_name: "Vandersloot".into(),
+            birth_date: NaiveDate::from_ymd_opt(1999, 12, 1),
+            sex: Some(Sex::Female),
+            postal_code: Some("99501".into()),
+            ..PatientRecord::default()
+        };
+        assert_eq!(index.outcome(&stranger), MatchOutcome::New);
+    }
+
+    fn candidate(id: &str, score: f64, grade: MatchGrade) -> ScoredCandidate {
+        ScoredCandidate {
+            record_index: 0,
+            record_id: id.into(),
+            score,
+            grade,
+            total_weight: 0.0,
+            deterministic: false,
+            trace: vec![],
+        }
+    }
+
+    #[test]
+    fn outcomes_from_grades() {
+        use MatchGrade::*;
+        assert_eq!(decide_outcome(vec![]), MatchOutcome::New);
+        assert_eq!(
+            decide_outcome(vec![candidate("a", 0.1, CertainlyNot)]),
+            MatchOutcome::New
+        );
+        assert_eq!(
+            decide_outcome(vec![
+                candidate("b", 0.5, Possible),
+                candidate("a", 0.999, Certain)
+            ]),
+            MatchOutcome::Link(candidate("a", 0.999, Certain))
+        );
+        assert_eq!(
+            decide_outcome(vec![
+                candidate("b", 0.4, Possible),
+                candidate("a", 0.9, Probable)
+            ]),
+            MatchOutcome::Review(vec![
+                candidate("a", 0.9, Probable),
+                candidate("b", 0.4, Possible)
+            ])
+        );
+        // Two certain candidates: the known set has a duplicate; a human picks.
+        assert_eq!(
+            decide_outcome(vec![
+                candidate("a", 0.995, Certain),
+                candidate("b", 0.999, Certain)
+            ]),
+            MatchOutcome::Review(vec![
+                candidate("b", 0.999, Certain),
+                candidate("a", 0.995, Certain)
+            ])
+        );
+    }
+
+    #[test]
+    fn certainty_guards() {
+        // given, family, birth date, sex, household, email
+        assert!(passes_certainty_guards(&[0, 0, 0, 0, 0, MISSING]));
+        assert!(passes_certainty_guards(&[1, 2, 1, 1, 5, 0]));
+        assert!(
+            !passes_certainty_guards(&[2, 0, 0, 0, 0, 0]),
+            "given name only close"
+        );
+        assert!(
+            !passes_certainty_guards(&[3, 0, 0, 0, 0, 0]),
+            "given name disagrees (twins)"
+        );
+        assert!(
+            !passes_certainty_guards(&[MISSING, 0, 0, 0, 0, 0]),
+            "no given name"
+        );
+        assert!(
+            !passes_certainty_guards(&[0, 0, 3, 0, 0, 0]),
+            "birth date disagrees (Jr/Sr)"
+        );
+        assert!(
+            !passes_certainty_guards(&[0, 0, 0, 0, 4, 2]),
+            "nothing corroborates (namesake)"
+        );
+        assert!(!passes_certainty_guards(&[0, 0, 0, 0, MISSING, MISSING]));
+    }
+
+    #[test]
+    fn thresholds_from_the_config_grade_the_pairs() {
+        let strict = MatchConfig {
+            thresholds: GradeThresholds::new(1.0, 1.0, 1.0).unwrap(),
+            ..MatchConfig::default()
+        };
+        let mut known: Vec<PatientRecord> = Population::new(5)
+            .people(500)
+            .iter()
+            .enumerate()
+            .map(|(position, person)| clean_record(person, format!("P{position}")))
+            .collect();
+        known.push(PatientRecord {
+            identifiers: vec![],
+            ..margaret()
+        });
+        let index = MatchIndex::build_with(known, strict).unwrap();
+        let intake = PatientRecord {
+            record_id: "intake".into(),
+            identifiers: vec![],
+            ..margaret()
+        };
+        // Nothing reaches probability 1.0 by weights: every candidate is certainly-not.
+        assert_eq!(index.match_one(&intake), vec![]);
+    }
+
+    #[test]
+    fn blocking_keeps_comparisons_far_below_all_pairs() {
+        let index = index_with(vec![]);
+        let result = index.dedupe(false);
+        let all_pairs = index.len() * (index.len() - 1) / 2;
+        assert!(result.pairs_compared > 0);
+        assert!(
+            (result.pairs_compared as usize) < all_pairs / 100,
+            "{} of {all_pairs}",
+            result.pairs_compared
+        );
+    }
+}
