@@ -9,6 +9,8 @@ mod bench_cmd;
 mod billing_cmd;
 mod identity_cmd;
 mod projections_cmd;
+mod send_cmd;
+mod serve_cmd;
 mod store_cmd;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +50,15 @@ enum Command {
         #[command(subcommand)]
         command: projections_cmd::ProjectionsCommand,
     },
+    /// Run services: all in one process (embedded default) or a subset (`--only`, `--nats`).
+    Serve {
+        #[command(flatten)]
+        store: store_cmd::StoreArgs,
+        #[command(flatten)]
+        args: serve_cmd::ServeArgs,
+    },
+    /// Send one command through the command path and print the reply.
+    Send(send_cmd::SendArgs),
     /// Benchmarks (release mode; see `make bench`).
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
@@ -83,6 +94,8 @@ fn main() -> std::process::ExitCode {
             command,
         } => block_on(projections_cmd::run(store, args, command)),
         Command::Bench(command) => block_on(bench_cmd::run(command)),
+        Command::Serve { store, args } => block_on(serve_cmd::run(args, store.url)),
+        Command::Send(args) => block_on(send_cmd::run(args)),
         Command::Billing(command) => billing_cmd::run(command),
         Command::Identity(command) => identity_cmd::run(command),
     };

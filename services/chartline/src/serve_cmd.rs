@@ -1,0 +1,321 @@
+//! `chartline serve`: runs Chartline's services, all in one process on the embedded
+//! default (SQLite file + in-process bus, no servers) or any subset as its own OS
+//! process in a distributed deployment (`--nats`, PostgreSQL store). Any mix of
+//! processes forms one system: they meet on NATS subjects and in the event store.
+//!
+//! Configuration: flags > `CHARTLINE_*` environment variables > defaults.
+//! Shutdown: SIGTERM or Ctrl-C stops intake and drains in-flight commands.
+
+use std::collections::BTreeSet;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chartline_infra::bus::Bus;
+use chartline_infra::checkpoint::system_tenant;
+use chartline_infra::relay::{RelayConfig, run_relay};
+use chartline_infra::store::nats::NatsEventStore;
+use chartline_infra::{AnyStore, EventStore};
+use chartline_proto::TenantId;
+use clap::Args;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Every component `serve` knows, in start order.
+pub const COMPONENTS: &[&str] = &[
+    "store",
+    "scheduling",
+    "consultation",
+    "documentation",
+    "billing",
+    "rpm",
+    "identity",
+    "relay",
+];
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// Comma-separated components to run (default: all). One of: store, scheduling,
+    /// consultation, documentation, billing, rpm, identity, relay.
+    #[arg(long, env = "CHARTLINE_ONLY", value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// NATS URL. Without it, everything runs in this process on an in-process bus.
+    #[arg(long, env = "CHARTLINE_NATS_URL")]
+    pub nats: Option<String>,
+    /// HTTP listen address of the API (used once the API component runs here).
+    #[arg(long, env = "CHARTLINE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Tenants to register at start (comma-separated).
+    #[arg(
+        long,
+        env = "CHARTLINE_TENANTS",
+        value_delimiter = ',',
+        default_value = "default"
+    )]
+    pub tenants: Vec<String>,
+    /// NATS subject root (tests isolate themselves with their own).
+    #[arg(
+        long,
+        env = "CHARTLINE_SUBJECT_ROOT",
+        default_value = "chartline",
+        hide = true
+    )]
+    pub subject_root: String,
+    /// JetStream stream the relay publishes to.
+    #[arg(
+        long,
+        env = "CHARTLINE_EVENTS_STREAM",
+        default_value = "CHARTLINE_EVENTS",
+        hide = true
+    )]
+    pub events_stream: String,
+}
+
+/// A running deployment: the bus and store every component uses.
+pub struct Runtime {
+    pub bus: Bus,
+    pub store: AnyStore,
+    pub root: String,
+}
+
+impl ServeArgs {
+    pub fn selected(&self) -> anyhow::Result<BTreeSet<&'static str>> {
+        if self.only.is_empty() {
+            let mut all: BTreeSet<&'static str> = COMPONENTS.iter().copied().collect();
+            if self.nats.is_none() {
+                all.remove("relay"); // nothing to relay to without NATS
+            }
+            return Ok(all);
+        }
+        self.only
+            .iter()
+            .map(|name| {
+                COMPONENTS
+                    .iter()
+                    .copied()
+                    .find(|c| *c == name.trim())
+                    .with_context(|| format!("unknown component {name:?}; known: {COMPONENTS:?}"))
+            })
+            .collect()
+    }
+}
+
+/// Opens the bus and the store as the selected components need them: a process that
+/// runs the store component (or has no NATS) opens the database itself; any other
+/// process reaches the store service over NATS.
+pub async fn connect(
+    args: &ServeArgs,
+    store_url: &str,
+    selected: &BTreeSet<&str>,
+) -> anyhow::Result<Runtime> {
+    let bus = match &args.nats {
+        Some(url) => Bus::connect_nats(url).await?,
+        None => Bus::in_process(),
+    };
+    let store = match (&args.nats, selected.contains("store")) {
+        (Some(_), false) => {
+            let client = bus.nats_client().expect("NATS bus").clone();
+            AnyStore::Nats(NatsEventStore::new(client).with_root(args.subject_root.clone()))
+        }
+        _ => AnyStore::open(store_url)
+            .await
+            .with_context(|| format!("opening event store {store_url}"))?,
+    };
+    Ok(Runtime {
+        bus,
+        store,
+        root: args.subject_root.clone(),
+    })
+}
+
+fn shutdown_signal(
+    receiver: &watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut receiver = receiver.clone();
+    async move {
+        while !*receiver.borrow() {
+            if receiver.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Starts the selected components; returns their tasks. Shut them down by sending
+/// `true` on the watch.
+pub async fn start(
+    args: &ServeArgs,
+    runtime: &Runtime,
+    selected: &BTreeSet<&str>,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<JoinSet<(String, anyhow::Result<()>)>> {
+    let mut tasks = JoinSet::new();
+    let store = runtime.store.clone();
+    let root = runtime.root.clone();
+
+    if selected.contains("store")
+        && let Some(client) = runtime.bus.nats_client()
+    {
+        let (client, backing, service_root, stop) = (
+            client.clone(),
+            store.clone(),
+            root.clone(),
+            shutdown_signal(stop),
+        );
+        tasks.spawn(async move {
+            let result = chartline_store::run(client, backing, &service_root, stop).await;
+            ("store".to_string(), result.map_err(anyhow::Error::from))
+        });
+        wait_for_store(&runtime.bus, &root).await?;
+    }
+    // Tenants and the billing policy exist before any command is taken.
+    let service_store = store.clone();
+    service_store.ensure_tenant(&system_tenant()).await?;
+    for tenant in &args.tenants {
+        let tenant = TenantId::parse(tenant.trim())?;
+        service_store.ensure_tenant(&tenant).await?;
+    }
+
+    macro_rules! command_service {
+        ($name:literal, $run:path) => {
+            if selected.contains($name) {
+                let (bus, store, root, stop) = (
+                    runtime.bus.clone(),
+                    store.clone(),
+                    root.clone(),
+                    shutdown_signal(stop),
+                );
+                tasks.spawn(async move {
+                    let result = $run(bus, store, &root, stop).await;
+                    ($name.to_string(), result.map_err(anyhow::Error::from))
+                });
+            }
+        };
+    }
+    command_service!("scheduling", chartline_scheduling::run);
+    command_service!("consultation", chartline_consultation::run);
+    command_service!("documentation", chartline_documentation::run);
+    command_service!("rpm", chartline_rpm::run);
+    command_service!("identity", chartline_identity::run);
+    command_service!("billing", chartline_billing::run_commands);
+
+    if selected.contains("billing") {
+        let mut changes = chartline_proto::billing_policy::SHIPPED_POLICY_FILES
+            .iter()
+            .map(|(path, text)| chartline_proto::billing_policy::parse_policy_file(path, text))
+            .collect::<Result<Vec<_>, _>>()
+            .context("loading the shipped billing policy")?;
+        changes.sort_by_key(|change| change.version);
+        chartline_billing::publish_policy(&store, &changes)
+            .await
+            .context("recording the billing policy on policy-billing")?;
+        let (store, wake, stop) = (store.clone(), store.head_watch(), shutdown_signal(stop));
+        tasks.spawn(async move {
+            let result = chartline_billing::run_reactor(store, wake, stop).await;
+            (
+                "billing-reactor".to_string(),
+                result.map_err(anyhow::Error::msg),
+            )
+        });
+    }
+    if selected.contains("relay") {
+        let Some(client) = runtime.bus.nats_client() else {
+            bail!("the relay needs --nats");
+        };
+        let config = RelayConfig {
+            root: root.clone(),
+            stream_name: args.events_stream.clone(),
+            ..RelayConfig::default()
+        };
+        let (client, store, wake, stop) = (
+            client.clone(),
+            store.clone(),
+            store.head_watch(),
+            shutdown_signal(stop),
+        );
+        tasks.spawn(async move {
+            let result = run_relay(store, client, config, wake, stop).await;
+            ("relay".to_string(), result.map_err(anyhow::Error::from))
+        });
+    }
+    Ok(tasks)
+}
+
+/// Waits until the store service answers (it subscribes asynchronously).
+async fn wait_for_store(bus: &Bus, root: &str) -> anyhow::Result<()> {
+    let Some(client) = bus.nats_client() else {
+        return Ok(());
+    };
+    let probe = NatsEventStore::new(client.clone()).with_root(root.to_string());
+    for _ in 0..100 {
+        if probe.head_position().await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the store service did not start answering on NATS")
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn termination() {
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub async fn run(args: ServeArgs, store_url: String) -> anyhow::Result<ExitCode> {
+    let selected = args.selected()?;
+    let runtime = connect(&args, &store_url, &selected).await?;
+    let (stop_tx, stop) = watch::channel(false);
+    let mut tasks = start(&args, &runtime, &selected, &stop).await?;
+    eprintln!(
+        "chartline serving [{}] on {} with store {} ({})",
+        selected.iter().copied().collect::<Vec<_>>().join(","),
+        args.nats.as_deref().unwrap_or("the in-process bus"),
+        if matches!(runtime.store, AnyStore::Nats(_)) {
+            "over NATS"
+        } else {
+            store_url.as_str()
+        },
+        runtime.store.backend(),
+    );
+    // Stop on a signal, or when a component fails.
+    let failed = tokio::select! {
+        _ = termination() => None,
+        Some(done) = tasks.join_next() => Some(done),
+    };
+    let _ = stop_tx.send(true);
+    let mut exit = ExitCode::SUCCESS;
+    if let Some(done) = failed {
+        match done {
+            Ok((name, Err(error))) => {
+                eprintln!("component {name} failed: {error:#}");
+                exit = ExitCode::FAILURE;
+            }
+            Ok((name, Ok(()))) => eprintln!("component {name} stopped"),
+            Err(error) => {
+                eprintln!("a component panicked: {error}");
+                exit = ExitCode::FAILURE;
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Ok((name, Err(error))) = done {
+            eprintln!("component {name} stopped with an error: {error:#}");
+            exit = ExitCode::FAILURE;
+        }
+    }
+    eprintln!("chartline stopped");
+    Ok(exit)
+}
