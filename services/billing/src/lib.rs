@@ -124,6 +124,7 @@ pub async fn code_encounter<S: EventStore>(
     encounter_stream: &StreamId,
     policy: &PolicyHistory,
     trigger: Uuid,
+    trigger_at: chrono::DateTime<chrono::Utc>,
     known_at: chrono::DateTime<chrono::Utc>,
 ) -> Result<CommandReply, String> {
     let history = read_whole_stream(store, tenant, encounter_stream)
@@ -147,7 +148,13 @@ pub async fn code_encounter<S: EventStore>(
         Scenario::from_encounter(&encounter, declined_video).map_err(|e| e.to_string())?;
     let decision = evaluate(&scenario, policy, known_at.date_naive()).map_err(|e| e.to_string())?;
     let command: EncounterCommand =
-        decision.assign_codes_command(known_at.max(encounter.last_event_at.unwrap_or(known_at)));
+        // Recorded at the time of the triggering fact (never before the encounter's last
+        // event), so replaying a day gives the same stream.
+        decision.assign_codes_command(
+            encounter
+                .last_event_at
+                .map_or(trigger_at, |last| last.max(trigger_at)),
+        );
     let context = CommandContext {
         tenant: tenant.clone(),
         command_id: derived_id(&[
@@ -271,6 +278,7 @@ async fn react<S: EventStore>(store: &S, policy: &mut PolicyHistory, event: &Eve
                 &event.stream_id,
                 policy,
                 event.event_id,
+                event.metadata.occurred_at,
                 now,
             )
             .await
@@ -298,8 +306,16 @@ async fn react<S: EventStore>(store: &S, policy: &mut PolicyHistory, event: &Eve
                 }
             };
             for (tenant, stream) in open {
-                if let Err(error) =
-                    code_encounter(store, &tenant, &stream, policy, event.event_id, now).await
+                if let Err(error) = code_encounter(
+                    store,
+                    &tenant,
+                    &stream,
+                    policy,
+                    event.event_id,
+                    event.metadata.occurred_at,
+                    now,
+                )
+                .await
                 {
                     tracing::warn!(%stream, %error, "re-evaluation failed");
                 }

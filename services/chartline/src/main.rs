@@ -10,7 +10,8 @@ mod billing_cmd;
 mod identity_cmd;
 mod projections_cmd;
 mod send_cmd;
-mod serve_cmd;
+
+use chartline::serve_cmd;
 mod store_cmd;
 
 use clap::{Parser, Subcommand};
