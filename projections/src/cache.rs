@@ -1,0 +1,332 @@
+//! Typed read-model rows and the per-projection row cache that makes batches cheap.
+//!
+//! A projection reads and changes rows through a [`RowCache`]: the first access to a key
+//! loads it from the database (inside the batch's transaction), later accesses hit
+//! memory, and at the end of the batch every changed row is written back with a few
+//! multi-row upserts, in the same transaction as the checkpoint. On rollback the batch's
+//! changes are dropped and the cache falls back to what was committed.
+//!
+//! Consistency rules (the engine keeps them):
+//! - the cache only ever holds committed rows or the current batch's changes;
+//! - it is reset whenever another writer may have changed the tables (the projection's
+//!   `revision` moved, a blue-green swap happened);
+//! - when a generation's tables were created empty by this cache's owner, the cache
+//!   also remembers every key it ever wrote (as 64-bit hashes): a key never written is
+//!   known absent without a query. This is what makes a rebuild fast.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+
+use crate::db::{Backend, Cell, TableSpec, Tx};
+use crate::error::ProjectionError;
+
+/// A read-model row: a Rust struct mapped to one table. Declare with [`read_model_row!`].
+pub trait Row: Clone + Send + Sync + 'static {
+    type Key: Hash + Eq + Clone + Send + Sync;
+    const TABLE: &'static TableSpec;
+    fn key(&self) -> Self::Key;
+    fn key_cells(key: &Self::Key) -> Vec<Cell>;
+    fn to_cells(&self) -> Vec<Cell>;
+    fn from_cells(cells: Vec<Cell>) -> Result<Self, String>;
+}
+
+/// Declares a read-model row struct and its table: key columns first, then the others.
+#[macro_export]
+macro_rules! read_model_row {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident in $table:literal {
+            key { $($kfield:ident : $kty:ty),+ $(,)? }
+            columns { $($(#[$fmeta:meta])* $field:ident : $fty:ty),* $(,)? }
+            indexes [$($index:literal),* $(,)?]
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct $name {
+            $(pub $kfield: $kty,)+
+            $($(#[$fmeta])* pub $field: $fty,)*
+        }
+
+        impl $crate::cache::Row for $name {
+            type Key = ($($kty,)+);
+            const TABLE: &'static $crate::db::TableSpec = &$crate::db::TableSpec {
+                name: $table,
+                columns: &[
+                    $($crate::db::Column {
+                        name: stringify!($kfield),
+                        kind: <$kty as $crate::db::CellValue>::KIND,
+                    },)+
+                    $($crate::db::Column {
+                        name: stringify!($field),
+                        kind: <$fty as $crate::db::CellValue>::KIND,
+                    },)*
+                ],
+                key: [$(stringify!($kfield)),+].len(),
+                indexes: &[$($index),*],
+            };
+
+            fn key(&self) -> Self::Key {
+                ($(self.$kfield.clone(),)+)
+            }
+
+            fn key_cells(key: &Self::Key) -> Vec<$crate::db::Cell> {
+                let ($($kfield,)+) = key;
+                vec![$($crate::db::CellValue::to_cell($kfield)),+]
+            }
+
+            fn to_cells(&self) -> Vec<$crate::db::Cell> {
+                vec![
+                    $($crate::db::CellValue::to_cell(&self.$kfield),)+
+                    $($crate::db::CellValue::to_cell(&self.$field),)*
+                ]
+            }
+
+            fn from_cells(cells: Vec<$crate::db::Cell>) -> Result<Self, String> {
+                let mut cells = cells.into_iter();
+                Ok($name {
+                    $($kfield: $crate::db::CellValue::from_cell(
+                        cells.next().ok_or_else(|| format!("missing column {}", stringify!($kfield)))?,
+                    ).map_err(|e| format!("{}: {e}", stringify!($kfield)))?,)+
+                    $($field: $crate::db::CellValue::from_cell(
+                        cells.next().ok_or_else(|| format!("missing column {}", stringify!($field)))?,
+                    ).map_err(|e| format!("{}: {e}", stringify!($field)))?,)*
+                })
+            }
+        }
+    };
+}
+
+/// Rows kept in memory between batches before the cache is cleared (bounds memory).
+pub const DEFAULT_CACHE_ROWS: usize = 200_000;
+
+fn key_hash<K: Hash>(key: &K) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    key.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The rows of one table as seen by one projection instance. See the module docs.
+pub struct RowCache<R: Row> {
+    physical: String,
+    backend: Backend,
+    select_sql: String,
+    /// Committed rows (`None`: known absent).
+    committed: HashMap<R::Key, Option<R>>,
+    /// Rows changed in the current batch.
+    dirty: HashMap<R::Key, R>,
+    /// Hashes of every key that exists, when this instance owns the table since empty.
+    known: Option<HashSet<u64>>,
+    pending_known: Vec<u64>,
+    capacity: usize,
+}
+
+impl<R: Row> Default for RowCache<R> {
+    fn default() -> Self {
+        RowCache {
+            physical: String::new(),
+            backend: Backend::Sqlite,
+            select_sql: String::new(),
+            committed: HashMap::new(),
+            dirty: HashMap::new(),
+            known: None,
+            pending_known: Vec::new(),
+            capacity: DEFAULT_CACHE_ROWS,
+        }
+    }
+}
+
+impl<R: Row> RowCache<R> {
+    /// Points the cache at one generation's table and forgets everything. `empty` says
+    /// the table was just created empty and only this instance will write it.
+    pub fn reset(&mut self, backend: Backend, generation: i64, empty: bool) {
+        self.physical = R::TABLE.physical(generation);
+        self.backend = backend;
+        self.select_sql = backend.select_by_key(R::TABLE, &self.physical);
+        self.committed.clear();
+        self.dirty.clear();
+        self.pending_known.clear();
+        self.known = empty.then(HashSet::new);
+    }
+
+    async fn load(&mut self, tx: &mut Tx, key: &R::Key) -> Result<(), ProjectionError> {
+        if self.dirty.contains_key(key) || self.committed.contains_key(key) {
+            return Ok(());
+        }
+        if let Some(known) = &self.known
+            && !known.contains(&key_hash(key))
+        {
+            self.committed.insert(key.clone(), None);
+            return Ok(());
+        }
+        let rows = tx
+            .fetch(&self.select_sql, &R::key_cells(key), &R::TABLE.kinds())
+            .await?;
+        let row = match rows.into_iter().next() {
+            Some(cells) => {
+                Some(
+                    R::from_cells(cells).map_err(|message| ProjectionError::CorruptRow {
+                        table: self.physical.clone(),
+                        message,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        self.committed.insert(key.clone(), row);
+        Ok(())
+    }
+
+    /// The current row for `key` (this batch's change if any), read-only.
+    pub async fn get(&mut self, tx: &mut Tx, key: &R::Key) -> Result<Option<&R>, ProjectionError> {
+        self.load(tx, key).await?;
+        if let Some(row) = self.dirty.get(key) {
+            return Ok(Some(row));
+        }
+        Ok(self.committed.get(key).and_then(Option::as_ref))
+    }
+
+    /// The row for `key`, to change (it is written back at the end of the batch).
+    pub async fn get_mut(
+        &mut self,
+        tx: &mut Tx,
+        key: &R::Key,
+    ) -> Result<Option<&mut R>, ProjectionError> {
+        self.load(tx, key).await?;
+        if !self.dirty.contains_key(key) {
+            match self.committed.remove(key) {
+                Some(Some(row)) => {
+                    self.dirty.insert(key.clone(), row);
+                }
+                Some(None) => {
+                    self.committed.insert(key.clone(), None);
+                    return Ok(None);
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(self.dirty.get_mut(key))
+    }
+
+    /// The row for `key` to change, created by `make` when absent.
+    pub async fn get_or_insert_with(
+        &mut self,
+        tx: &mut Tx,
+        key: &R::Key,
+        make: impl FnOnce() -> R,
+    ) -> Result<&mut R, ProjectionError> {
+        self.load(tx, key).await?;
+        if !self.dirty.contains_key(key) {
+            let row = match self.committed.remove(key) {
+                Some(Some(row)) => row,
+                _ => {
+                    self.pending_known.push(key_hash(key));
+                    make()
+                }
+            };
+            self.dirty.insert(key.clone(), row);
+        }
+        Ok(self.dirty.get_mut(key).expect("inserted above"))
+    }
+
+    /// Keys of the rows whose `column` equals `value` (a secondary-index lookup that
+    /// also sees this batch's changes); `matches` tells whether a row qualifies.
+    pub async fn keys_where(
+        &mut self,
+        tx: &mut Tx,
+        column: &str,
+        value: Cell,
+        matches: impl Fn(&R) -> bool,
+    ) -> Result<Vec<R::Key>, ProjectionError> {
+        let sql = self.backend.select_where(R::TABLE, &self.physical, column);
+        let rows = tx.fetch(&sql, &[value], &R::TABLE.kinds()).await?;
+        let mut keys = Vec::new();
+        let mut seen = HashSet::new();
+        for cells in rows {
+            let row = R::from_cells(cells).map_err(|message| ProjectionError::CorruptRow {
+                table: self.physical.clone(),
+                message,
+            })?;
+            let key = row.key();
+            if self.dirty.contains_key(&key) {
+                continue;
+            }
+            if seen.insert(key.clone()) {
+                keys.push(key.clone());
+            }
+            if let Entry::Vacant(slot) = self.committed.entry(key) {
+                slot.insert(Some(row));
+            }
+        }
+        for (key, row) in &self.dirty {
+            if matches(row) && seen.insert(key.clone()) {
+                keys.push(key.clone());
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Writes this batch's changed rows.
+    pub async fn flush(&mut self, tx: &mut Tx) -> Result<(), ProjectionError> {
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<Vec<Cell>> = self.dirty.values().map(R::to_cells).collect();
+        tx.upsert_rows(R::TABLE, &self.physical, &rows).await
+    }
+
+    /// The batch committed: its rows become the cached committed state.
+    pub fn commit(&mut self) {
+        if self.committed.len() + self.dirty.len() > self.capacity {
+            self.committed.clear();
+        }
+        for (key, row) in self.dirty.drain() {
+            self.committed.insert(key, Some(row));
+        }
+        if let Some(known) = &mut self.known {
+            known.extend(self.pending_known.drain(..));
+        } else {
+            self.pending_known.clear();
+        }
+    }
+
+    /// The batch rolled back: forget its changes (the database still has the old rows).
+    pub fn rollback(&mut self) {
+        self.dirty.clear();
+        self.pending_known.clear();
+    }
+}
+
+/// What the engine needs from each of a projection's caches, object-safe.
+pub trait CacheControl: Send {
+    fn reset(&mut self, backend: Backend, generation: i64, empty: bool);
+    fn flush<'a>(
+        &'a mut self,
+        tx: &'a mut Tx,
+    ) -> futures::future::BoxFuture<'a, Result<(), ProjectionError>>;
+    fn commit(&mut self);
+    fn rollback(&mut self);
+    fn table(&self) -> &'static TableSpec;
+}
+
+impl<R: Row> CacheControl for RowCache<R> {
+    fn reset(&mut self, backend: Backend, generation: i64, empty: bool) {
+        RowCache::reset(self, backend, generation, empty)
+    }
+    fn flush<'a>(
+        &'a mut self,
+        tx: &'a mut Tx,
+    ) -> futures::future::BoxFuture<'a, Result<(), ProjectionError>> {
+        Box::pin(RowCache::flush(self, tx))
+    }
+    fn commit(&mut self) {
+        RowCache::commit(self)
+    }
+    fn rollback(&mut self) {
+        RowCache::rollback(self)
+    }
+    fn table(&self) -> &'static TableSpec {
+        R::TABLE
+    }
+}

@@ -1,0 +1,667 @@
+//! The read-model database: SQLite or PostgreSQL behind one small interface.
+//!
+//! Read models are declared as [`TableSpec`]s (columns of three kinds: integer, real,
+//! text) and every statement the engine runs is generated from them, so one projection
+//! works unchanged on both backends. Values travel as [`Cell`]s. Timestamps are stored
+//! as fixed-width RFC 3339 text (`2026-01-05T10:00:00.000000Z`) and booleans as 0/1 on
+//! both backends, so rows compare equal across backends and sort correctly as text.
+//!
+//! SQLite write transactions start with `BEGIN IMMEDIATE` (the write lock is taken up
+//! front, so two writers never deadlock on a lock upgrade); PostgreSQL transactions
+//! lock the projection's state row with `SELECT … FOR UPDATE` (see the engine).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Row as _, SqlSafeStr, Sqlite, SqlitePool};
+
+use crate::error::ProjectionError;
+
+/// The migrations table of the engine's own tables, distinct from the event store's.
+pub const MIGRATIONS_TABLE: &str = "_chartline_projection_migrations";
+
+/// Largest number of bound values in one statement (SQLite allows 32,766, PostgreSQL 65,535).
+const MAX_BINDS: usize = 30_000;
+
+/// The storage class of a column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Int,
+    Real,
+    Text,
+}
+
+/// One value of a row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+}
+
+impl std::fmt::Display for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cell::Null => f.write_str("NULL"),
+            Cell::Int(v) => write!(f, "{v}"),
+            Cell::Real(v) => write!(f, "{v}"),
+            Cell::Text(v) => write!(f, "{v:?}"),
+        }
+    }
+}
+
+/// Conversion between a Rust field and a [`Cell`].
+pub trait CellValue: Sized {
+    const KIND: Kind;
+    fn to_cell(&self) -> Cell;
+    fn from_cell(cell: Cell) -> Result<Self, String>;
+}
+
+impl CellValue for String {
+    const KIND: Kind = Kind::Text;
+    fn to_cell(&self) -> Cell {
+        Cell::Text(self.clone())
+    }
+    fn from_cell(cell: Cell) -> Result<Self, String> {
+        match cell {
+            Cell::Text(v) => Ok(v),
+            other => Err(format!("expected text, found {other}")),
+        }
+    }
+}
+
+impl CellValue for i64 {
+    const KIND: Kind = Kind::Int;
+    fn to_cell(&self) -> Cell {
+        Cell::Int(*self)
+    }
+    fn from_cell(cell: Cell) -> Result<Self, String> {
+        match cell {
+            Cell::Int(v) => Ok(v),
+            other => Err(format!("expected integer, found {other}")),
+        }
+    }
+}
+
+impl CellValue for bool {
+    const KIND: Kind = Kind::Int;
+    fn to_cell(&self) -> Cell {
+        Cell::Int(i64::from(*self))
+    }
+    fn from_cell(cell: Cell) -> Result<Self, String> {
+        i64::from_cell(cell).map(|v| v != 0)
+    }
+}
+
+impl CellValue for f64 {
+    const KIND: Kind = Kind::Real;
+    fn to_cell(&self) -> Cell {
+        Cell::Real(*self)
+    }
+    fn from_cell(cell: Cell) -> Result<Self, String> {
+        match cell {
+            Cell::Real(v) => Ok(v),
+            Cell::Int(v) => Ok(v as f64),
+            other => Err(format!("expected real, found {other}")),
+        }
+    }
+}
+
+impl CellValue for DateTime<Utc> {
+    const KIND: Kind = Kind::Text;
+    fn to_cell(&self) -> Cell {
+        Cell::Text(format_time(*self))
+    }
+    fn from_cell(cell: Cell) -> Result<Self, String> {
+        let text = String::from_cell(cell)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| format!("bad timestamp {text:?}: {e}"))
+    }
+}
+
+impl CellValue for NaiveDate {
+    const KIND: Kind = Kind::Text;
+    fn to_cell(&self) -> Cell {
+        Cell::Text(self.format("%Y-%m-%d").to_string())
+    }
+    fn from_cell(cell: Cell) -> Result<Self, String> {
+        let text = String::from_cell(cell)?;
+        NaiveDate::parse_from_str(&text, "%Y-%m-%d").map_err(|e| format!("bad date {text:?}: {e}"))
+    }
+}
+
+impl<T: CellValue> CellValue for Option<T> {
+    const KIND: Kind = T::KIND;
+    fn to_cell(&self) -> Cell {
+        self.as_ref().map_or(Cell::Null, T::to_cell)
+    }
+    fn from_cell(cell: Cell) -> Result<Self, String> {
+        match cell {
+            Cell::Null => Ok(None),
+            other => T::from_cell(other).map(Some),
+        }
+    }
+}
+
+/// The one timestamp format of every read model (sorts as text).
+pub fn format_time(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Column {
+    pub name: &'static str,
+    pub kind: Kind,
+}
+
+/// A read-model table: the first `key` columns form the primary key.
+#[derive(Debug)]
+pub struct TableSpec {
+    /// The logical name readers use (a view over the active generation's table).
+    pub name: &'static str,
+    pub columns: &'static [Column],
+    pub key: usize,
+    /// Single-column secondary indexes.
+    pub indexes: &'static [&'static str],
+}
+
+impl TableSpec {
+    /// The physical table of one generation (blue-green: `encounter_view__g2`).
+    pub fn physical(&self, generation: i64) -> String {
+        format!("{}__g{generation}", self.name)
+    }
+
+    pub fn kinds(&self) -> Vec<Kind> {
+        self.columns.iter().map(|c| c.kind).collect()
+    }
+
+    fn column_list(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn key_list(&self) -> String {
+        self.columns[..self.key]
+            .iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+
+    fn type_name(self, kind: Kind) -> &'static str {
+        match (self, kind) {
+            (Backend::Sqlite, Kind::Int) => "INTEGER",
+            (Backend::Sqlite, Kind::Real) => "REAL",
+            (Backend::Sqlite, Kind::Text) => "TEXT",
+            (Backend::Postgres, Kind::Int) => "BIGINT",
+            (Backend::Postgres, Kind::Real) => "DOUBLE PRECISION",
+            (Backend::Postgres, Kind::Text) => "TEXT",
+        }
+    }
+
+    /// Rewrites `?` placeholders into `$1, $2, …` for PostgreSQL. Generated SQL never
+    /// has a `?` inside a literal.
+    pub fn placeholders(self, sql: &str) -> String {
+        match self {
+            Backend::Sqlite => sql.to_string(),
+            Backend::Postgres => {
+                let mut out = String::with_capacity(sql.len() + 16);
+                let mut n = 0;
+                for ch in sql.chars() {
+                    if ch == '?' {
+                        n += 1;
+                        out.push('$');
+                        out.push_str(&n.to_string());
+                    } else {
+                        out.push(ch);
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// `CREATE TABLE` + indexes of one physical table.
+    pub fn create_table(self, spec: &TableSpec, physical: &str) -> Vec<String> {
+        let columns = spec
+            .columns
+            .iter()
+            .map(|c| format!("{} {}", c.name, self.type_name(c.kind)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut statements = vec![format!(
+            "CREATE TABLE IF NOT EXISTS {physical} ({columns}, PRIMARY KEY ({}))",
+            spec.key_list()
+        )];
+        for index in spec.indexes {
+            statements.push(format!(
+                "CREATE INDEX IF NOT EXISTS {physical}_by_{index} ON {physical} ({index})"
+            ));
+        }
+        statements
+    }
+
+    /// Upsert of `rows` rows: `INSERT … ON CONFLICT (key) DO UPDATE SET …` (same syntax
+    /// on both backends).
+    pub fn upsert(self, spec: &TableSpec, physical: &str, rows: usize) -> String {
+        let one = format!("({})", vec!["?"; spec.columns.len()].join(","));
+        let values = vec![one.as_str(); rows].join(",");
+        let updates = spec.columns[spec.key..]
+            .iter()
+            .map(|c| format!("{0} = excluded.{0}", c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let conflict = if updates.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!("DO UPDATE SET {updates}")
+        };
+        self.placeholders(&format!(
+            "INSERT INTO {physical} ({}) VALUES {values} ON CONFLICT ({}) {conflict}",
+            spec.column_list(),
+            spec.key_list()
+        ))
+    }
+
+    /// Rows per upsert statement so that the bind count stays under the limit.
+    pub fn rows_per_upsert(spec: &TableSpec) -> usize {
+        (MAX_BINDS / spec.columns.len()).max(1)
+    }
+
+    pub fn select_by_key(self, spec: &TableSpec, physical: &str) -> String {
+        let condition = spec.columns[..spec.key]
+            .iter()
+            .map(|c| format!("{} = ?", c.name))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        self.placeholders(&format!(
+            "SELECT {} FROM {physical} WHERE {condition}",
+            spec.column_list()
+        ))
+    }
+
+    pub fn select_where(self, spec: &TableSpec, physical: &str, column: &str) -> String {
+        self.placeholders(&format!(
+            "SELECT {} FROM {physical} WHERE {column} = ?",
+            spec.column_list()
+        ))
+    }
+
+    pub fn select_all_ordered(self, spec: &TableSpec, table: &str) -> String {
+        format!(
+            "SELECT {} FROM {table} ORDER BY {}",
+            spec.column_list(),
+            spec.key_list()
+        )
+    }
+}
+
+/// A connection pool to the read-model database.
+#[derive(Clone, Debug)]
+pub enum ReadDb {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+fn engine_migrator(backend: Backend) -> Migrator {
+    let sql = match backend {
+        Backend::Sqlite => include_str!("../migrations/sqlite/0001_projection_engine.sql"),
+        Backend::Postgres => include_str!("../migrations/postgres/0001_projection_engine.sql"),
+    };
+    let mut migrator = Migrator::with_migrations(vec![Migration::new(
+        1,
+        "projection engine".into(),
+        MigrationType::Simple,
+        sql.into_sql_str(),
+        false,
+    )]);
+    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+    migrator
+}
+
+impl ReadDb {
+    /// Opens the read-model database (`sqlite://PATH` or `postgres://…`) and runs the
+    /// engine's migrations. For SQLite the file may be the event store's own file: the
+    /// projection tables are separate tables in it.
+    pub async fn open(url: &str) -> Result<Self, ProjectionError> {
+        let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect(url)
+                .await?;
+            ReadDb::Postgres(pool)
+        } else if url.starts_with("sqlite:") || !url.contains("://") {
+            let path = url
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:");
+            let path = path.split_once('?').map_or(path, |(p, _)| p);
+            if path.is_empty() || path == ":memory:" {
+                return Err(ProjectionError::Config(
+                    "read models need a database file; an in-memory SQLite store cannot be shared"
+                        .into(),
+                ));
+            }
+            if let Some(parent) = std::path::Path::new(path).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    ProjectionError::Config(format!("cannot create {}: {e}", parent.display()))
+                })?;
+            }
+            let options = SqliteConnectOptions::from_str("sqlite://")
+                .map_err(|e| ProjectionError::Config(e.to_string()))?
+                .filename(path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(30))
+                .pragma("cache_size", "-65536");
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options)
+                .await?;
+            ReadDb::Sqlite(pool)
+        } else {
+            return Err(ProjectionError::Config(format!(
+                "unsupported read-store URL {url:?}: use sqlite://PATH or postgres://…"
+            )));
+        };
+        let migrator = engine_migrator(db.backend());
+        let migrated = match &db {
+            ReadDb::Sqlite(pool) => migrator.run(pool).await,
+            ReadDb::Postgres(pool) => migrator.run(pool).await,
+        };
+        migrated
+            .map_err(|e| ProjectionError::Config(format!("projection migrations failed: {e}")))?;
+        Ok(db)
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            ReadDb::Sqlite(_) => Backend::Sqlite,
+            ReadDb::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Begins a write transaction (SQLite: `BEGIN IMMEDIATE`).
+    pub async fn begin(&self) -> Result<Tx, ProjectionError> {
+        Ok(match self {
+            ReadDb::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            ReadDb::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+        })
+    }
+
+    /// Runs a query outside any transaction and decodes every row by `kinds`.
+    pub async fn fetch(
+        &self,
+        sql: &str,
+        binds: &[Cell],
+        kinds: &[Kind],
+    ) -> Result<Vec<Vec<Cell>>, ProjectionError> {
+        let sql = self.backend().placeholders(sql);
+        match self {
+            ReadDb::Sqlite(pool) => {
+                let rows = bind_sqlite(sqlx::query(AssertSqlSafe(sql)), binds)
+                    .fetch_all(pool)
+                    .await?;
+                rows.iter().map(|r| decode_sqlite(r, kinds)).collect()
+            }
+            ReadDb::Postgres(pool) => {
+                let rows = bind_pg(sqlx::query(AssertSqlSafe(sql)), binds)
+                    .fetch_all(pool)
+                    .await?;
+                rows.iter().map(|r| decode_pg(r, kinds)).collect()
+            }
+        }
+    }
+
+    /// Every row of a table or view, in primary-key order (for comparisons and dumps).
+    pub async fn dump(
+        &self,
+        spec: &TableSpec,
+        table: &str,
+    ) -> Result<Vec<Vec<Cell>>, ProjectionError> {
+        let sql = self.backend().select_all_ordered(spec, table);
+        self.fetch(&sql, &[], &spec.kinds()).await
+    }
+
+    pub async fn close(&self) {
+        match self {
+            ReadDb::Sqlite(pool) => pool.close().await,
+            ReadDb::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+/// An open write transaction on the read-model database.
+pub enum Tx {
+    Sqlite(sqlx::Transaction<'static, Sqlite>),
+    Postgres(sqlx::Transaction<'static, Postgres>),
+}
+
+impl Tx {
+    pub fn backend(&self) -> Backend {
+        match self {
+            Tx::Sqlite(_) => Backend::Sqlite,
+            Tx::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Executes a statement already in the backend's placeholder style.
+    pub async fn execute(&mut self, sql: &str, binds: &[Cell]) -> Result<u64, ProjectionError> {
+        let sql = sql.to_string();
+        Ok(match self {
+            Tx::Sqlite(tx) => bind_sqlite(sqlx::query(AssertSqlSafe(sql)), binds)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+            Tx::Postgres(tx) => bind_pg(sqlx::query(AssertSqlSafe(sql)), binds)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected(),
+        })
+    }
+
+    /// Like [`Tx::execute`] but with `?` placeholders rewritten for the backend.
+    pub async fn run(&mut self, sql: &str, binds: &[Cell]) -> Result<u64, ProjectionError> {
+        let sql = self.backend().placeholders(sql);
+        self.execute(&sql, binds).await
+    }
+
+    /// Fetches rows (SQL already in the backend's placeholder style).
+    pub async fn fetch(
+        &mut self,
+        sql: &str,
+        binds: &[Cell],
+        kinds: &[Kind],
+    ) -> Result<Vec<Vec<Cell>>, ProjectionError> {
+        let sql = sql.to_string();
+        match self {
+            Tx::Sqlite(tx) => {
+                let rows = bind_sqlite(sqlx::query(AssertSqlSafe(sql)), binds)
+                    .fetch_all(&mut **tx)
+                    .await?;
+                rows.iter().map(|r| decode_sqlite(r, kinds)).collect()
+            }
+            Tx::Postgres(tx) => {
+                let rows = bind_pg(sqlx::query(AssertSqlSafe(sql)), binds)
+                    .fetch_all(&mut **tx)
+                    .await?;
+                rows.iter().map(|r| decode_pg(r, kinds)).collect()
+            }
+        }
+    }
+
+    /// Like [`Tx::fetch`] with `?` placeholders rewritten for the backend.
+    pub async fn query(
+        &mut self,
+        sql: &str,
+        binds: &[Cell],
+        kinds: &[Kind],
+    ) -> Result<Vec<Vec<Cell>>, ProjectionError> {
+        let sql = self.backend().placeholders(sql);
+        self.fetch(&sql, binds, kinds).await
+    }
+
+    /// Upserts rows (each a full row in column order) in as few statements as possible.
+    pub async fn upsert_rows(
+        &mut self,
+        spec: &TableSpec,
+        physical: &str,
+        rows: &[Vec<Cell>],
+    ) -> Result<(), ProjectionError> {
+        let per_statement = Backend::rows_per_upsert(spec);
+        let backend = self.backend();
+        for chunk in rows.chunks(per_statement) {
+            let sql = backend.upsert(spec, physical, chunk.len());
+            let kinds = spec.kinds();
+            match self {
+                Tx::Sqlite(tx) => {
+                    let mut query = sqlx::query(AssertSqlSafe(sql));
+                    for row in chunk {
+                        for cell in row {
+                            query = bind_sqlite_cell(query, cell);
+                        }
+                    }
+                    query.execute(&mut **tx).await?;
+                }
+                Tx::Postgres(tx) => {
+                    let mut query = sqlx::query(AssertSqlSafe(sql));
+                    for row in chunk {
+                        for (cell, kind) in row.iter().zip(&kinds) {
+                            query = bind_pg_typed(query, cell, *kind);
+                        }
+                    }
+                    query.execute(&mut **tx).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn commit(self) -> Result<(), ProjectionError> {
+        match self {
+            Tx::Sqlite(tx) => tx.commit().await?,
+            Tx::Postgres(tx) => tx.commit().await?,
+        }
+        Ok(())
+    }
+
+    pub async fn rollback(self) -> Result<(), ProjectionError> {
+        match self {
+            Tx::Sqlite(tx) => tx.rollback().await?,
+            Tx::Postgres(tx) => tx.rollback().await?,
+        }
+        Ok(())
+    }
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+
+fn bind_sqlite_cell<'q>(query: SqliteQuery<'q>, cell: &'q Cell) -> SqliteQuery<'q> {
+    match cell {
+        Cell::Null => query.bind(None::<String>),
+        Cell::Int(v) => query.bind(*v),
+        Cell::Real(v) => query.bind(*v),
+        Cell::Text(v) => query.bind(v.as_str()),
+    }
+}
+
+fn bind_sqlite<'q>(mut query: SqliteQuery<'q>, binds: &'q [Cell]) -> SqliteQuery<'q> {
+    for cell in binds {
+        query = bind_sqlite_cell(query, cell);
+    }
+    query
+}
+
+fn bind_pg_typed<'q>(query: PgQuery<'q>, cell: &'q Cell, kind: Kind) -> PgQuery<'q> {
+    match (cell, kind) {
+        (Cell::Null, Kind::Int) => query.bind(None::<i64>),
+        (Cell::Null, Kind::Real) => query.bind(None::<f64>),
+        (Cell::Null, Kind::Text) => query.bind(None::<String>),
+        (Cell::Int(v), Kind::Real) => query.bind(*v as f64),
+        (Cell::Int(v), _) => query.bind(*v),
+        (Cell::Real(v), _) => query.bind(*v),
+        (Cell::Text(v), _) => query.bind(v.as_str()),
+    }
+}
+
+fn bind_pg<'q>(mut query: PgQuery<'q>, binds: &'q [Cell]) -> PgQuery<'q> {
+    for cell in binds {
+        query = match cell {
+            Cell::Null => query.bind(None::<String>),
+            Cell::Int(v) => query.bind(*v),
+            Cell::Real(v) => query.bind(*v),
+            Cell::Text(v) => query.bind(v.as_str()),
+        };
+    }
+    query
+}
+
+fn decode_sqlite(row: &SqliteRow, kinds: &[Kind]) -> Result<Vec<Cell>, ProjectionError> {
+    kinds
+        .iter()
+        .enumerate()
+        .map(|(index, kind)| {
+            Ok(match kind {
+                Kind::Int => row
+                    .try_get::<Option<i64>, _>(index)?
+                    .map_or(Cell::Null, Cell::Int),
+                Kind::Real => row
+                    .try_get::<Option<f64>, _>(index)?
+                    .map_or(Cell::Null, Cell::Real),
+                Kind::Text => row
+                    .try_get::<Option<String>, _>(index)?
+                    .map_or(Cell::Null, Cell::Text),
+            })
+        })
+        .collect()
+}
+
+fn decode_pg(row: &PgRow, kinds: &[Kind]) -> Result<Vec<Cell>, ProjectionError> {
+    kinds
+        .iter()
+        .enumerate()
+        .map(|(index, kind)| {
+            Ok(match kind {
+                Kind::Int => row
+                    .try_get::<Option<i64>, _>(index)?
+                    .map_or(Cell::Null, Cell::Int),
+                Kind::Real => row
+                    .try_get::<Option<f64>, _>(index)?
+                    .map_or(Cell::Null, Cell::Real),
+                Kind::Text => row
+                    .try_get::<Option<String>, _>(index)?
+                    .map_or(Cell::Null, Cell::Text),
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,154 @@
+//! Events as projections see them: the envelope plus its domain event, decoded once per
+//! batch and shared by every projection.
+
+use chartline_domain::encounter::EncounterEvent;
+use chartline_domain::patient::PatientEvent;
+use chartline_domain::rpm::RpmEvent;
+use chartline_proto::EventEnvelope;
+use chartline_proto::codec::{DomainEvent, current_schema_version};
+use serde::de::value::MapDeserializer;
+use serde_json::Value;
+
+use crate::error::ProjectionError;
+
+/// The domain event inside an envelope.
+#[derive(Debug, Clone)]
+pub enum Domain {
+    Encounter(EncounterEvent),
+    Patient(PatientEvent),
+    Rpm(RpmEvent),
+    /// A category no read model uses (synthetic load, billing policy, …).
+    Other,
+    /// A known category whose payload does not decode: poison for the projections that
+    /// read this category.
+    Undecodable(String),
+}
+
+/// One event handed to a projection.
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    pub envelope: &'a EventEnvelope,
+    pub domain: &'a Domain,
+}
+
+impl Event<'_> {
+    /// The aggregate id part of the stream id (`encounter-<uuid>` → `<uuid>`).
+    pub fn aggregate_id(&self) -> String {
+        self.envelope.stream_id.id_part().to_string()
+    }
+
+    pub fn tenant(&self) -> String {
+        self.envelope.metadata.tenant.as_str().to_string()
+    }
+
+    /// The encounter event, `None` for other categories, an error when undecodable.
+    pub fn encounter(&self) -> Result<Option<&EncounterEvent>, ProjectionError> {
+        match self.domain {
+            Domain::Encounter(event) => Ok(Some(event)),
+            Domain::Undecodable(error) if self.envelope.category() == "encounter" => {
+                Err(ProjectionError::handler(error))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub fn patient(&self) -> Result<Option<&PatientEvent>, ProjectionError> {
+        match self.domain {
+            Domain::Patient(event) => Ok(Some(event)),
+            Domain::Undecodable(error) if self.envelope.category() == "patient" => {
+                Err(ProjectionError::handler(error))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub fn rpm(&self) -> Result<Option<&RpmEvent>, ProjectionError> {
+        match self.domain {
+            Domain::Rpm(event) => Ok(Some(event)),
+            Domain::Undecodable(error) if self.envelope.category() == "rpm" => {
+                Err(ProjectionError::handler(error))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Decodes an envelope's domain event. Envelopes from the store are already upcast; the
+/// fast path deserializes straight from the borrowed JSON without copying it.
+pub fn decode(envelope: &EventEnvelope) -> Domain {
+    let result = match envelope.category() {
+        "encounter" => decode_as::<EncounterEvent>(envelope).map(Domain::Encounter),
+        "patient" => decode_as::<PatientEvent>(envelope).map(Domain::Patient),
+        "rpm" => decode_as::<RpmEvent>(envelope).map(Domain::Rpm),
+        _ => return Domain::Other,
+    };
+    result.unwrap_or_else(|error| {
+        Domain::Undecodable(format!(
+            "{} v{} does not decode: {error}",
+            envelope.event_type, envelope.schema_version
+        ))
+    })
+}
+
+fn decode_as<E: DomainEvent>(envelope: &EventEnvelope) -> Result<E, String> {
+    if envelope.schema_version != current_schema_version(E::CATEGORY, &envelope.event_type) {
+        return chartline_proto::codec::decode::<E>(envelope).map_err(|e| e.to_string());
+    }
+    let tag = Value::String(envelope.event_type.clone());
+    let entries = [("type", &tag), ("data", &envelope.data)];
+    let deserializer: MapDeserializer<'_, _, serde_json::Error> =
+        MapDeserializer::new(entries.into_iter());
+    E::deserialize(deserializer).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chartline_domain::encounter::{CheckedIn, EncounterEvent};
+    use chartline_proto::codec::encode;
+    use chartline_proto::{Actor, Metadata, StreamId, TenantId};
+    use chrono::{TimeZone, Utc};
+    use uuid::Uuid;
+
+    fn envelope(event_type: &str, data: Value) -> EventEnvelope {
+        EventEnvelope {
+            event_id: Uuid::now_v7(),
+            stream_id: StreamId::for_aggregate("encounter", Uuid::now_v7()),
+            stream_version: 1,
+            global_position: 1,
+            event_type: event_type.into(),
+            schema_version: 1,
+            data,
+            metadata: Metadata {
+                tenant: TenantId::parse("default").unwrap(),
+                actor: Actor::system(),
+                correlation_id: Uuid::now_v7(),
+                causation_id: None,
+                source: "test".into(),
+                occurred_at: Utc::now(),
+                contains_phi: false,
+            },
+            recorded_at: Utc::now(),
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn fast_path_decodes_what_the_codec_encodes() {
+        let event = EncounterEvent::CheckedIn(CheckedIn {
+            at: Utc.with_ymd_and_hms(2026, 1, 5, 10, 0, 0).unwrap(),
+        });
+        let encoded = encode(&event);
+        let decoded = decode(&envelope(encoded.event_type, encoded.data));
+        assert!(matches!(decoded, Domain::Encounter(e) if e == event));
+    }
+
+    #[test]
+    fn a_bad_payload_is_undecodable_not_a_panic() {
+        let decoded = decode(&envelope("CheckedIn", serde_json::json!({"at": 5})));
+        assert!(matches!(decoded, Domain::Undecodable(_)));
+        let unknown = decode(&envelope("NoSuchEvent", serde_json::json!({})));
+        assert!(matches!(unknown, Domain::Undecodable(_)));
+    }
+}
