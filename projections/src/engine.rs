@@ -733,12 +733,12 @@ impl ProjectionRunner {
             slot.worker.stopped = state.status == "stopped";
             if state.generation != slot.worker.generation || state.revision != slot.worker.revision
             {
-                slot.worker.reset(
-                    state.generation,
-                    state.position,
-                    state.revision,
-                    state.position == 0,
-                );
+                // The key-set shortcut is only valid for tables known to be empty.
+                let empty = state.position == 0
+                    && tables_empty(&self.db, &slot.worker.projection.tables(), state.generation)
+                        .await?;
+                slot.worker
+                    .reset(state.generation, state.position, state.revision, empty);
             }
         }
         Ok(())
@@ -1290,6 +1290,26 @@ async fn wait_for_commit(wake: &mut Option<tokio::sync::watch::Receiver<u64>>, p
         }
         None => tokio::time::sleep(poll).await,
     }
+}
+
+async fn tables_empty(
+    db: &ReadDb,
+    tables: &[&'static TableSpec],
+    generation: i64,
+) -> Result<bool, ProjectionError> {
+    for spec in tables {
+        let rows = db
+            .fetch(
+                &format!("SELECT CAST(1 AS BIGINT) FROM {} LIMIT 1", spec.physical(generation)),
+                &[],
+                &[Kind::Int],
+            )
+            .await?;
+        if !rows.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Creates the state row, the active generation's tables and the views (idempotent).
