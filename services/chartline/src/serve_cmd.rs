@@ -168,6 +168,10 @@ pub async fn start(
         });
         wait_for_store(&runtime.bus, &root).await?;
     }
+    if matches!(runtime.store, AnyStore::Nats(_)) {
+        // The store service may be another process that is still starting.
+        wait_for_store(&runtime.bus, &root).await?;
+    }
     // Tenants and the billing policy exist before any command is taken.
     let service_store = store.clone();
     service_store.ensure_tenant(&system_tenant()).await?;
@@ -247,13 +251,14 @@ async fn wait_for_store(bus: &Bus, root: &str) -> anyhow::Result<()> {
         return Ok(());
     };
     let probe = NatsEventStore::new(client.clone()).with_root(root.to_string());
-    for _ in 0..100 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
         if probe.head_position().await.is_ok() {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("the store service did not start answering on NATS")
+    bail!("no event store service answered on NATS within 60 s")
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
