@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 
 ## Builds and starts the platform on the embedded default (SQLite + in-process bus).
 run:
-	$(CARGO) run --release -p chartline -- demo
+	$(CARGO) run -p chartline -- demo
 
 ## Everything CI checks. Brings up PostgreSQL and NATS JetStream first when needed.
 test: services fmt clippy layering unit

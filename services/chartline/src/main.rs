@@ -7,6 +7,7 @@
 
 mod bench_cmd;
 mod billing_cmd;
+mod demo_cmd;
 mod identity_cmd;
 mod projections_cmd;
 mod send_cmd;
@@ -58,6 +59,13 @@ enum Command {
         #[command(flatten)]
         args: serve_cmd::ServeArgs,
     },
+    /// A synthetic clinic day through the real command path, a summary, then serve.
+    Demo {
+        #[command(flatten)]
+        store: store_cmd::StoreArgs,
+        #[command(flatten)]
+        args: demo_cmd::DemoArgs,
+    },
     /// Send one command through the command path and print the reply.
     Send(send_cmd::SendArgs),
     /// Benchmarks (release mode; see `make bench`).
@@ -97,6 +105,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(command) => block_on(bench_cmd::run(command)),
         Command::Serve { store, args } => block_on(serve_cmd::run(args, store.url)),
         Command::Send(args) => block_on(send_cmd::run(args)),
+        Command::Demo { store, args } => block_on(demo_cmd::run(args, store.url)),
         Command::Billing(command) => billing_cmd::run(command),
         Command::Identity(command) => identity_cmd::run(command),
     };
