@@ -24,14 +24,7 @@ struct Embedded {
 impl Embedded {
     async fn start() -> Embedded {
         let dir = std::env::temp_dir().join(format!("chartline_t_{}", Uuid::new_v4().simple()));
-        let args = ServeArgs {
-            only: vec![],
-            nats: None,
-            listen: "127.0.0.1:0".into(),
-            tenants: vec!["default".into(), "clinic-a".into()],
-            subject_root: "chartline".into(),
-            events_stream: "CHARTLINE_EVENTS".into(),
-        };
+        let args = ServeArgs::embedded(&["default", "clinic-a"]);
         let selected = args.selected().unwrap();
         let url = format!("sqlite://{}/events.db", dir.display());
         let runtime = serve_cmd::connect(&args, &url, &selected).await.unwrap();

@@ -100,12 +100,8 @@ async fn drive(
 
 pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> {
     let serve = ServeArgs {
-        only: vec![],
-        nats: None,
         listen: "127.0.0.1:8080".into(),
-        tenants: vec![TENANT.into()],
-        subject_root: "chartline".into(),
-        events_stream: "CHARTLINE_EVENTS".into(),
+        ..ServeArgs::embedded(&[TENANT])
     };
     let selected = serve.selected()?;
     let runtime = serve_cmd::connect(&serve, &store_url, &selected).await?;
@@ -138,6 +134,7 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
             bus: runtime.bus.clone(),
             store: runtime.store.clone(),
             root: runtime.root.clone(),
+            store_url: runtime.store_url.clone(),
         };
         let tenant = tenant.clone();
         runs.spawn(async move {

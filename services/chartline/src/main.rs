@@ -11,6 +11,7 @@ mod demo_cmd;
 mod identity_cmd;
 mod projections_cmd;
 mod send_cmd;
+mod token_cmd;
 
 use chartline::serve_cmd;
 mod store_cmd;
@@ -66,6 +67,9 @@ enum Command {
         #[command(flatten)]
         args: demo_cmd::DemoArgs,
     },
+    /// API bearer tokens for operators and tests.
+    #[command(subcommand)]
+    Token(token_cmd::TokenCommand),
     /// Send one command through the command path and print the reply.
     Send(send_cmd::SendArgs),
     /// Benchmarks (release mode; see `make bench`).
@@ -105,6 +109,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(command) => block_on(bench_cmd::run(command)),
         Command::Serve { store, args } => block_on(serve_cmd::run(args, store.url)),
         Command::Send(args) => block_on(send_cmd::run(args)),
+        Command::Token(command) => token_cmd::run(command),
         Command::Demo { store, args } => block_on(demo_cmd::run(args, store.url)),
         Command::Billing(command) => billing_cmd::run(command),
         Command::Identity(command) => identity_cmd::run(command),

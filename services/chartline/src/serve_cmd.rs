@@ -31,6 +31,8 @@ pub const COMPONENTS: &[&str] = &[
     "rpm",
     "identity",
     "relay",
+    "projections",
+    "api",
 ];
 
 #[derive(Args, Clone)]
@@ -61,6 +63,9 @@ pub struct ServeArgs {
         hide = true
     )]
     pub subject_root: String,
+    /// Read-model database (default: the store's database; required with a NATS store).
+    #[arg(long, env = "CHARTLINE_READ_STORE")]
+    pub read_store: Option<String>,
     /// JetStream stream the relay publishes to.
     #[arg(
         long,
@@ -76,9 +81,24 @@ pub struct Runtime {
     pub bus: Bus,
     pub store: AnyStore,
     pub root: String,
+    /// The database URL this process opened (empty when the store is reached over NATS).
+    pub store_url: String,
 }
 
 impl ServeArgs {
+    /// Everything in one process on the in-process bus (demo, tests), API on a free port.
+    pub fn embedded(tenants: &[&str]) -> ServeArgs {
+        ServeArgs {
+            only: vec![],
+            nats: None,
+            listen: "127.0.0.1:0".into(),
+            tenants: tenants.iter().map(|t| t.to_string()).collect(),
+            subject_root: chartline_proto::subjects::ROOT.into(),
+            read_store: None,
+            events_stream: chartline_proto::subjects::EVENTS_STREAM.into(),
+        }
+    }
+
     pub fn selected(&self) -> anyhow::Result<BTreeSet<&'static str>> {
         if self.only.is_empty() {
             let mut all: BTreeSet<&'static str> = COMPONENTS.iter().copied().collect();
@@ -121,10 +141,15 @@ pub async fn connect(
             .await
             .with_context(|| format!("opening event store {store_url}"))?,
     };
+    let store_url = match store {
+        AnyStore::Nats(_) => String::new(),
+        _ => store_url.to_string(),
+    };
     Ok(Runtime {
         bus,
         store,
         root: args.subject_root.clone(),
+        store_url,
     })
 }
 
@@ -222,6 +247,52 @@ pub async fn start(
             )
         });
     }
+    if selected.contains("projections") || selected.contains("api") {
+        let read_url = match (&args.read_store, &runtime.store) {
+            (Some(url), _) => url.clone(),
+            (None, AnyStore::Nats(_)) => {
+                bail!("projections and the API need --read-store with a NATS store")
+            }
+            (None, _) => runtime.store_url.clone(),
+        };
+        let read_db = chartline_projections::db::ReadDb::open(&read_url)
+            .await
+            .with_context(|| format!("opening read-model database {read_url}"))?;
+        if selected.contains("projections") {
+            let mut runner = chartline_projections::engine::ProjectionRunner::new(
+                store.clone(),
+                read_db.clone(),
+            )
+            .await
+            .context("starting projections")?;
+            let stop = shutdown_signal(stop);
+            tasks.spawn(async move {
+                let result = runner.run_until(stop).await;
+                (
+                    "projections".to_string(),
+                    result.map_err(anyhow::Error::from),
+                )
+            });
+        }
+        if selected.contains("api") {
+            let api = chartline_api::Api::build(chartline_api::ApiConfig {
+                listen: args.listen.clone(),
+                secret: jwt_secret()?,
+                store: store.clone(),
+                bus: runtime.bus.clone(),
+                root: root.clone(),
+                read_db: Some(read_db),
+            })
+            .await
+            .with_context(|| format!("starting the API on {}", args.listen))?;
+            eprintln!(
+                "chartline API on http://127.0.0.1:{}/graphiql (dashboard: /dashboard)",
+                api.port()
+            );
+            let stop = shutdown_signal(stop);
+            tasks.spawn(async move { ("api".to_string(), api.run_until_stopped(stop).await) });
+        }
+    }
     if selected.contains("relay") {
         let Some(client) = runtime.bus.nats_client() else {
             bail!("the relay needs --nats");
@@ -243,6 +314,35 @@ pub async fn start(
         });
     }
     Ok(tasks)
+}
+
+/// The token signing secret: `CHARTLINE_JWT_SECRET`, or a random one kept in
+/// `data/dev-jwt-secret` (created on first use, mode 0600) for local development.
+pub fn jwt_secret() -> anyhow::Result<chartline_api::Secret> {
+    if let Ok(secret) = std::env::var("CHARTLINE_JWT_SECRET")
+        && !secret.is_empty()
+    {
+        return Ok(chartline_api::Secret::new(secret.into_bytes()));
+    }
+    let path = std::path::Path::new("data/dev-jwt-secret");
+    if let Ok(existing) = std::fs::read(path)
+        && !existing.is_empty()
+    {
+        return Ok(chartline_api::Secret::new(existing));
+    }
+    std::fs::create_dir_all("data")?;
+    let fresh = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    std::fs::write(path, &fresh)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(chartline_api::Secret::new(fresh.into_bytes()))
 }
 
 /// Waits until the store service answers (it subscribes asynchronously).

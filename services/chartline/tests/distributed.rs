@@ -283,14 +283,7 @@ fn shape(events: &[EventEnvelope]) -> Vec<(String, serde_json::Value)> {
 
 async fn embedded_run(visit: &Visit) -> Vec<(String, serde_json::Value)> {
     let dir = std::env::temp_dir().join(format!("chartline_t_{}", Uuid::new_v4().simple()));
-    let args = ServeArgs {
-        only: vec![],
-        nats: None,
-        listen: "127.0.0.1:0".into(),
-        tenants: vec!["clinic-a".into()],
-        subject_root: "chartline".into(),
-        events_stream: "CHARTLINE_EVENTS".into(),
-    };
+    let args = ServeArgs::embedded(&["clinic-a"]);
     let selected = args.selected().unwrap();
     let runtime = serve_cmd::connect(
         &args,
