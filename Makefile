@@ -30,6 +30,7 @@ unit:
 ## Regenerates proto/schemas/*.json from the Rust types (commit the result).
 schemas:
 	CHARTLINE_BLESS=1 $(CARGO) test -p chartline-proto schemas
+	CHARTLINE_BLESS=1 $(CARGO) test -p chartline-tests committed_sdl
 
 ## Benchmarks in release mode; writes target/bench/*.json and report.md.
 bench: services

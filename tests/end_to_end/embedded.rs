@@ -54,7 +54,7 @@ fn tenant() -> TenantId {
     TenantId::parse("clinic-a").unwrap()
 }
 
-fn reference_visit(audio_fallback: bool) -> Visit {
+pub fn reference_visit(audio_fallback: bool) -> Visit {
     Visit {
         encounter_id: Uuid::now_v7(),
         patient_id: Uuid::now_v7(),

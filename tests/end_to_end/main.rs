@@ -3,4 +3,5 @@
 //! scenario runs distributed (each service its own OS process on NATS + PostgreSQL) in
 //! `services/chartline/tests/distributed.rs`, which compares the two event sequences.
 
+mod api;
 mod embedded;

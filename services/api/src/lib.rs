@@ -199,6 +199,37 @@ async fn graphql_ws(
         })
 }
 
+/// Refuses bodies over [`MAX_BODY_BYTES`] before any parsing (also chunked ones).
+async fn limit_body(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES) {
+        return error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "BAD_USER_INPUT",
+            "request body too large",
+        );
+    }
+    match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(bytes) => {
+            next.run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            ))
+            .await
+        }
+        Err(_) => error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "BAD_USER_INPUT",
+            "request body too large",
+        ),
+    }
+}
+
 async fn readyz(State(app): State<AppState>) -> Response {
     match app.store.head_position().await {
         Ok(head) => (StatusCode::OK, format!("ready: store head {head}\n")).into_response(),
@@ -278,6 +309,7 @@ impl Api {
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .layer(axum::middleware::from_fn(limit_body))
             .with_state(app);
         let listener = TcpListener::bind(&config.listen).await?;
         Ok(Api {

@@ -25,6 +25,9 @@ use crate::auth::{Claims, Role};
 
 pub type ChartlineSchema = async_graphql::Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
+/// Resolvers that read the event store cost 50 (plus their children) against the
+/// complexity limit, so a query aliasing them hundreds of times is refused up front.
+///
 /// Shared by every request.
 pub struct ApiState {
     pub store: AnyStore,
@@ -428,6 +431,7 @@ pub struct Audit;
 impl Audit {
     /// Every event of a stream with type, version, position, time, actor, correlation,
     /// causation and hash. `after` is a cursor (a stream version).
+    #[graphql(complexity = "50 + child_complexity")]
     async fn history(
         &self,
         ctx: &Context<'_>,
@@ -480,6 +484,7 @@ impl Audit {
     }
 
     /// The encounter replayed to a stream version and/or a record time.
+    #[graphql(complexity = "50 + child_complexity")]
     async fn encounter_at(
         &self,
         ctx: &Context<'_>,
@@ -507,6 +512,7 @@ impl Audit {
     }
 
     /// Recomputes the stream's hash chain; names the first bad event.
+    #[graphql(complexity = "50 + child_complexity")]
     async fn verify(
         &self,
         ctx: &Context<'_>,
@@ -538,6 +544,7 @@ impl Audit {
     }
 
     /// Who read which PHI of a patient, when.
+    #[graphql(complexity = "50 + child_complexity")]
     async fn phi_access_log(
         &self,
         ctx: &Context<'_>,
@@ -587,6 +594,7 @@ pub struct QueryRoot;
 impl QueryRoot {
     /// An encounter's current event-sourced state (tenant-scoped: another tenant's
     /// encounter is not found).
+    #[graphql(complexity = "50 + child_complexity")]
     async fn encounter(
         &self,
         ctx: &Context<'_>,
