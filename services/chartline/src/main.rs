@@ -8,6 +8,7 @@
 mod bench_cmd;
 mod billing_cmd;
 mod demo_cmd;
+mod ehr_cmd;
 mod identity_cmd;
 mod projections_cmd;
 mod send_cmd;
@@ -75,6 +76,9 @@ enum Command {
     /// Benchmarks (release mode; see `make bench`).
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
+    /// EHR write-back: `fhir export|retry`, and `sandbox-ehr` (a stand-in FHIR server).
+    #[command(flatten)]
+    Ehr(ehr_cmd::EhrCommand),
 }
 
 /// Runs an async command on a multi-threaded runtime.
@@ -107,6 +111,7 @@ fn main() -> std::process::ExitCode {
             command,
         } => block_on(projections_cmd::run(store, args, command)),
         Command::Bench(command) => block_on(bench_cmd::run(command)),
+        Command::Ehr(command) => block_on(ehr_cmd::run(command)),
         Command::Serve { store, args } => block_on(serve_cmd::run(args, store.url)),
         Command::Send(args) => block_on(send_cmd::run(args)),
         Command::Token(command) => token_cmd::run(command),

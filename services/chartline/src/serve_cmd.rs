@@ -33,6 +33,7 @@ pub const COMPONENTS: &[&str] = &[
     "relay",
     "projections",
     "api",
+    "ehr",
 ];
 
 #[derive(Args, Clone)]
@@ -74,6 +75,14 @@ pub struct ServeArgs {
         hide = true
     )]
     pub events_stream: String,
+    /// FHIR R4 base URL the EHR connector writes to. `sandbox` (the default) starts an
+    /// in-process sandbox EHR on a free port — a stand-in, not a real EHR (docs/ehr.md).
+    /// Unset (programmatic embedded runs): no connector.
+    #[arg(long, env = "CHARTLINE_EHR_URL", default_value = "sandbox")]
+    pub ehr_url: Option<String>,
+    /// Static bearer token sent to the EHR.
+    #[arg(long, env = "CHARTLINE_EHR_TOKEN", hide_env_values = true)]
+    pub ehr_token: Option<String>,
 }
 
 /// A running deployment: the bus and store every component uses.
@@ -96,6 +105,8 @@ impl ServeArgs {
             subject_root: chartline_proto::subjects::ROOT.into(),
             read_store: None,
             events_stream: chartline_proto::subjects::EVENTS_STREAM.into(),
+            ehr_url: None,
+            ehr_token: None,
         }
     }
 
@@ -104,6 +115,9 @@ impl ServeArgs {
             let mut all: BTreeSet<&'static str> = COMPONENTS.iter().copied().collect();
             if self.nats.is_none() {
                 all.remove("relay"); // nothing to relay to without NATS
+            }
+            if self.ehr_url.is_none() {
+                all.remove("ehr"); // no EHR configured
             }
             return Ok(all);
         }
@@ -292,6 +306,57 @@ pub async fn start(
             let stop = shutdown_signal(stop);
             tasks.spawn(async move { ("api".to_string(), api.run_until_stopped(stop).await) });
         }
+    }
+    if selected.contains("ehr") {
+        let mut base_url = args
+            .ehr_url
+            .clone()
+            .context("the ehr component needs --ehr-url (a FHIR base URL, or `sandbox`)")?;
+        if base_url == "sandbox" {
+            let database = match runtime.store_url.strip_prefix("sqlite://") {
+                Some(path) => format!(
+                    "sqlite://{}",
+                    std::path::Path::new(path)
+                        .with_file_name("sandbox-ehr.db")
+                        .display()
+                ),
+                None => "sqlite://data/sandbox-ehr.db".to_string(),
+            };
+            let sandbox = chartline_ehr_connector::SandboxEhr::build(
+                "127.0.0.1:0",
+                chartline_ehr_connector::SandboxConfig {
+                    database_url: database,
+                    bearer_token: args.ehr_token.clone(),
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            base_url = sandbox.base_url();
+            eprintln!("sandbox EHR (a stand-in, not a real EHR) at {base_url}");
+            let stop = shutdown_signal(stop);
+            tasks.spawn(async move {
+                let result = sandbox.run_until_stopped(stop).await;
+                (
+                    "sandbox-ehr".to_string(),
+                    result.map_err(anyhow::Error::from),
+                )
+            });
+        }
+        let client =
+            chartline_ehr_connector::FhirClient::new(chartline_ehr_connector::EhrEndpoint {
+                base_url,
+                bearer_token: args
+                    .ehr_token
+                    .clone()
+                    .map(chartline_ehr_connector::Secret::new),
+                timeout: Duration::from_secs(10),
+            })?;
+        let connector = chartline_ehr_connector::Connector::new(store.clone(), client);
+        let (wake, stop) = (store.head_watch(), shutdown_signal(stop));
+        tasks.spawn(async move {
+            let result = connector.run(wake, 16, stop).await;
+            ("ehr".to_string(), result.map_err(anyhow::Error::msg))
+        });
     }
     if selected.contains("relay") {
         let Some(client) = runtime.bus.nats_client() else {

@@ -1,0 +1,162 @@
+//! `chartline fhir …` and `chartline sandbox-ehr`: the EHR connector's operator CLI.
+//!
+//! - `fhir export --encounter ID` prints the FHIR R4 `transaction` Bundle of what the
+//!   connector writes for that encounter (read from the event store; nothing is sent).
+//! - `fhir retry --encounter ID --artifact NAME --ehr-url URL` replays one write-back
+//!   (after a dead one was fixed) and records the outcome.
+//! - `sandbox-ehr` runs the stand-in FHIR server (not a real EHR; see docs/ehr.md).
+//!
+//! Exit codes: 0 ok; 1 unavailable/internal or the write failed; 2 bad input or unknown
+//! encounter.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use chartline_ehr_connector::fhir::{EncounterRecord, parse_artifact, transaction_bundle};
+use chartline_ehr_connector::{
+    Connector, EhrEndpoint, FhirClient, JobOutcome, SandboxConfig, SandboxEhr, Secret,
+};
+use chartline_infra::AnyStore;
+use chartline_infra::store::{DEFAULT_STORE_URL, read_whole_stream};
+use chartline_proto::codec::decode;
+use chartline_proto::{StreamId, TenantId};
+use clap::{Args, Subcommand};
+use uuid::Uuid;
+
+const EXIT_BAD_INPUT: u8 = 2;
+
+#[derive(Subcommand)]
+pub enum EhrCommand {
+    /// FHIR R4 views of recorded encounters, and write-back replays.
+    #[command(subcommand)]
+    Fhir(FhirCommand),
+    /// Run the sandbox EHR: a stand-in FHIR R4 server with fault injection (not a real EHR).
+    SandboxEhr(SandboxArgs),
+}
+
+#[derive(Subcommand)]
+pub enum FhirCommand {
+    /// Print the transaction Bundle of an encounter's FHIR resources.
+    Export {
+        #[arg(long)]
+        encounter: Uuid,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        #[arg(long = "store", env = "CHARTLINE_STORE_URL", default_value = DEFAULT_STORE_URL)]
+        store: String,
+    },
+    /// Replay one write-back now (e.g. after fixing what made it dead).
+    Retry {
+        #[arg(long)]
+        encounter: Uuid,
+        /// appointment | encounter | document-reference | charge-item | task:<uuid>
+        #[arg(long)]
+        artifact: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        #[arg(long = "store", env = "CHARTLINE_STORE_URL", default_value = DEFAULT_STORE_URL)]
+        store: String,
+        #[arg(long, env = "CHARTLINE_EHR_URL")]
+        ehr_url: String,
+        #[arg(long, env = "CHARTLINE_EHR_TOKEN", hide_env_values = true)]
+        ehr_token: Option<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct SandboxArgs {
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub listen: String,
+    /// SQLite database of the sandbox (its own, not the event store).
+    #[arg(long = "db", default_value = "sqlite://data/sandbox-ehr.db")]
+    pub database: String,
+    /// Require this static bearer token on FHIR requests.
+    #[arg(long, env = "CHARTLINE_SANDBOX_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+pub async fn run(command: EhrCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        EhrCommand::Fhir(FhirCommand::Export {
+            encounter,
+            tenant,
+            store,
+        }) => export(encounter, &tenant, &store).await,
+        EhrCommand::Fhir(FhirCommand::Retry {
+            encounter,
+            artifact,
+            tenant,
+            store,
+            ehr_url,
+            ehr_token,
+        }) => {
+            let Some(artifact) = parse_artifact(&artifact) else {
+                eprintln!("unknown artifact {artifact:?}");
+                return Ok(ExitCode::from(EXIT_BAD_INPUT));
+            };
+            let tenant = TenantId::parse(&tenant)?;
+            let store = AnyStore::open(&store)
+                .await
+                .context("opening the event store")?;
+            let client = FhirClient::new(EhrEndpoint {
+                base_url: ehr_url,
+                bearer_token: ehr_token.map(Secret::new),
+                timeout: Duration::from_secs(10),
+            })?;
+            let outcome = Connector::new(store, client)
+                .retry_write_back(&tenant, encounter, artifact)
+                .await;
+            println!("{outcome:?}");
+            Ok(match outcome {
+                JobOutcome::Acknowledged { .. } | JobOutcome::UpToDate => ExitCode::SUCCESS,
+                JobOutcome::NotDue | JobOutcome::Parked(_) => ExitCode::from(EXIT_BAD_INPUT),
+                _ => ExitCode::FAILURE,
+            })
+        }
+        EhrCommand::SandboxEhr(args) => {
+            let sandbox = SandboxEhr::build(
+                &args.listen,
+                SandboxConfig {
+                    database_url: args.database.clone(),
+                    bearer_token: args.token,
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            eprintln!(
+                "sandbox EHR (a stand-in, not a real EHR) serving FHIR R4 at {} with {}",
+                sandbox.base_url(),
+                args.database
+            );
+            sandbox
+                .run_until_stopped(chartline::serve_cmd::termination())
+                .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn export(encounter: Uuid, tenant: &str, store_url: &str) -> anyhow::Result<ExitCode> {
+    let tenant = TenantId::parse(tenant)?;
+    let store = AnyStore::open(store_url)
+        .await
+        .with_context(|| format!("opening event store {store_url}"))?;
+    let stream = StreamId::for_aggregate("encounter", encounter);
+    let history = read_whole_stream(&store, &tenant, &stream).await?;
+    if history.is_empty() {
+        eprintln!("no encounter {encounter} in tenant {tenant}");
+        return Ok(ExitCode::from(EXIT_BAD_INPUT));
+    }
+    let events = history
+        .iter()
+        .map(decode)
+        .collect::<Result<Vec<_>, _>>()
+        .context("decoding the encounter stream")?;
+    let record = EncounterRecord::from_events(tenant.as_str(), &events);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&transaction_bundle(&record))?
+    );
+    Ok(ExitCode::SUCCESS)
+}

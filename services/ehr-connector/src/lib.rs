@@ -1,0 +1,26 @@
+//! EHR connector: turns the encounter lifecycle into FHIR R4 writes to an EHR, so the
+//! telehealth visit completes itself in the chart — idempotently, race-safely, retried
+//! and with every outcome recorded as an event.
+//!
+//! - [`fhir`]: pure mapping from recorded history to FHIR R4 resources and Bundles.
+//! - [`client`]: the FHIR HTTP client (conditional create, If-Match update, retry
+//!   classes, backoff with jitter, circuit breaker).
+//! - [`reactor`]: follows the global log from an event-sourced checkpoint and writes
+//!   each artifact that becomes due, gated on patient identity.
+//! - [`sandbox`]: a stand-in FHIR server with SQLite storage and fault injection — a
+//!   vendor EHR cannot exist here; see docs/ehr.md.
+//!
+//! *Architecture Invariant:* the mapping does no IO; the connector holds no state of its
+//! own beyond its checkpoint stream, so a restart (or a second instance on another
+//! checkpoint name) only repeats idempotent work.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod fhir;
+pub mod reactor;
+pub mod sandbox;
+
+pub use client::{EhrEndpoint, FhirClient, RetryPolicy, Secret};
+pub use reactor::{Connector, Job, JobOutcome};
+pub use sandbox::{SandboxConfig, SandboxEhr};

@@ -1,0 +1,640 @@
+//! The write-back reactor: follows the global log from an event-sourced checkpoint and
+//! writes each encounter artifact that becomes due to the EHR, recording the outcome on
+//! the encounter stream through the shared command path (as the billing reactor does).
+//!
+//! Per artifact: load the encounter and the patient's identity → `RequestWriteBack`
+//! (the domain refuses it while identity is pending or in review: then nothing is
+//! recorded or sent, and the artifact is picked up again when the patient's
+//! `IdentifierLinked` / `MatchResolved` / `NewPatientConfirmed` arrives) → idempotent
+//! upsert of its resources → `RecordWriteBackSucceeded` (resource id + version) or
+//! `RecordWriteBackFailed` (status, OperationOutcome text, retryable).
+//!
+//! Idempotency and races:
+//! - An artifact is *up to date* when its last outcome event follows the last event that
+//!   made it due; such a job does nothing. So redelivery, coalescing and a re-run from
+//!   checkpoint 0 send nothing and append nothing.
+//! - Command ids derive from (tenant, stream, artifact, version of the due-making event):
+//!   a job repeated after a crash finds its earlier `RequestWriteBack`/outcome.
+//! - Writes for one business key are serialized by a per-key async mutex (conditional
+//!   create is not race-safe on real servers); different keys run concurrently, bounded.
+//! - The checkpoint is a low watermark: it never passes an event whose job is unfinished.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chartline_domain::Aggregate;
+use chartline_domain::encounter::{Encounter, EncounterCommand, EncounterEvent, WriteBackArtifact};
+use chartline_domain::patient::{IdentityStatus, Patient, PatientEvent};
+use chartline_infra::EventStore;
+use chartline_infra::checkpoint::{CHECKPOINT_CATEGORY, Checkpoint};
+use chartline_infra::command::{CommandContext, execute};
+use chartline_infra::store::{ReadScope, StoreError, Subscription, read_whole_stream};
+use chartline_proto::codec::decode;
+use chartline_proto::commands::CommandReply;
+use chartline_proto::{Actor, ActorKind, EventEnvelope, StreamId, TenantId};
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedMutexGuard, Semaphore};
+use uuid::Uuid;
+
+use crate::client::{FhirClient, Written};
+use crate::fhir::{
+    EncounterRecord, artifact_made_due, artifact_name, due_artifacts, resources_for,
+};
+
+/// Builds a command for a given `at` (re-built when a newer fact forces a later time).
+type MakeCommand = Box<dyn Fn(DateTime<Utc>) -> EncounterCommand + Send + Sync>;
+
+/// Default checkpoint consumer name.
+pub const REACTOR_NAME: &str = "ehr-connector";
+
+/// One artifact of one encounter to bring up to date.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub tenant: TenantId,
+    pub stream: StreamId,
+    pub artifact: WriteBackArtifact,
+    /// Set by an explicit replay (`retry_write_back`): bypasses the up-to-date check
+    /// and uses fresh command ids.
+    pub replay: Option<Uuid>,
+}
+
+/// What a job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// The EHR acknowledged: `Type/id` and version.
+    Acknowledged { resource: String, version: String },
+    /// Recorded as failed (dead when not retryable).
+    Failed {
+        status: Option<u16>,
+        message: String,
+        retryable: bool,
+    },
+    /// Identity pending or in review: nothing sent, nothing recorded.
+    Parked(IdentityStatus),
+    /// The last outcome already covers the latest change.
+    UpToDate,
+    /// Not due (the encounter has no such artifact yet).
+    NotDue,
+    /// The store or the command path refused; retried on the next trigger.
+    Error(String),
+}
+
+/// Per-key async mutexes; an entry lives only while someone holds or waits for it.
+#[derive(Default)]
+struct KeyLocks {
+    map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+struct KeyGuard<'a> {
+    locks: &'a KeyLocks,
+    key: String,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl KeyLocks {
+    async fn lock(&self, key: String) -> KeyGuard<'_> {
+        let mutex = {
+            let mut map = self.map.lock().expect("key locks");
+            map.entry(key.clone()).or_default().clone()
+        };
+        let guard = mutex.lock_owned().await;
+        KeyGuard {
+            locks: self,
+            key,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.locks.map.lock().expect("key locks");
+        self.guard.take();
+        // Only the map holds it now: nobody waits, so forget the key.
+        if map
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
+fn derived_id(parts: &[&str]) -> Uuid {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+struct Inner<S: EventStore> {
+    store: S,
+    client: FhirClient,
+    locks: KeyLocks,
+    name: String,
+}
+
+/// The EHR connector for one EHR endpoint.
+pub struct Connector<S: EventStore> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S: EventStore> Clone for Connector<S> {
+    fn clone(&self) -> Self {
+        Connector {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+fn artifact_matches(event: &EncounterEvent, artifact: &WriteBackArtifact) -> bool {
+    artifact_made_due(event).as_ref() == Some(artifact)
+}
+
+fn outcome_artifact(event: &EncounterEvent) -> Option<&WriteBackArtifact> {
+    match event {
+        EncounterEvent::WriteBackSucceeded(e) => Some(&e.artifact),
+        EncounterEvent::WriteBackFailed(e) => Some(&e.artifact),
+        _ => None,
+    }
+}
+
+impl<S: EventStore> Connector<S> {
+    pub fn new(store: S, client: FhirClient) -> Connector<S> {
+        Connector::named(store, client, REACTOR_NAME)
+    }
+
+    /// A connector with its own checkpoint name (one per EHR endpoint).
+    pub fn named(store: S, client: FhirClient, name: &str) -> Connector<S> {
+        Connector {
+            inner: Arc::new(Inner {
+                store,
+                client,
+                locks: KeyLocks::default(),
+                name: name.to_string(),
+            }),
+        }
+    }
+
+    pub fn client(&self) -> &FhirClient {
+        &self.inner.client
+    }
+
+    async fn identity(
+        &self,
+        tenant: &TenantId,
+        patient_id: Uuid,
+    ) -> Result<IdentityStatus, StoreError> {
+        let stream = StreamId::for_aggregate("patient", patient_id);
+        let history = read_whole_stream(&self.inner.store, tenant, &stream).await?;
+        let mut patient = Patient::default();
+        for envelope in &history {
+            if let Ok(event) = decode::<PatientEvent>(envelope) {
+                patient.apply(&event);
+            }
+        }
+        Ok(patient.status)
+    }
+
+    async fn load(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<(Vec<EventEnvelope>, Vec<EncounterEvent>), String> {
+        let history = read_whole_stream(&self.inner.store, tenant, stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        let events = history
+            .iter()
+            .map(|e| decode::<EncounterEvent>(e).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((history, events))
+    }
+
+    async fn command(
+        &self,
+        job: &Job,
+        command_id: Uuid,
+        correlation_id: Uuid,
+        make: impl Fn(DateTime<Utc>) -> EncounterCommand,
+        mut at: DateTime<Utc>,
+    ) -> CommandReply {
+        let context = CommandContext {
+            tenant: job.tenant.clone(),
+            command_id,
+            actor: Actor::new(ActorKind::Service, self.inner.name.clone()),
+            correlation_id,
+            source: "ehr-connector".into(),
+        };
+        let mut reply = CommandReply::Rejected {
+            code: chartline_proto::commands::RejectionCode::Unavailable,
+            message: "not attempted".into(),
+        };
+        // Our events carry the encounter's latest time (never later), so they cannot
+        // push another system's facts into the past; if a newer fact lands meanwhile,
+        // re-read it and try again.
+        for _ in 0..5 {
+            reply =
+                execute::<Encounter, S>(&self.inner.store, &job.stream, &make(at), &context).await;
+            match &reply {
+                CommandReply::Rejected { message, .. }
+                    if message.starts_with("time went backwards") =>
+                {
+                    match self.load(&job.tenant, &job.stream).await {
+                        Ok((_, events)) => {
+                            if let Some(last) = events.iter().map(EncounterEvent::at).max() {
+                                at = at.max(last);
+                            }
+                        }
+                        Err(_) => return reply,
+                    }
+                }
+                CommandReply::Rejected {
+                    code:
+                        chartline_proto::commands::RejectionCode::Conflict
+                        | chartline_proto::commands::RejectionCode::Unavailable,
+                    ..
+                } => tokio::time::sleep(Duration::from_millis(50)).await,
+                _ => return reply,
+            }
+        }
+        reply
+    }
+
+    /// Brings one artifact up to date in the EHR and records the outcome.
+    pub async fn process(&self, job: &Job) -> JobOutcome {
+        let name = artifact_name(&job.artifact);
+        let _key = self
+            .inner
+            .locks
+            .lock(format!("{}/{}/{name}", job.tenant, job.stream))
+            .await;
+        let (history, events) = match self.load(&job.tenant, &job.stream).await {
+            Ok(loaded) => loaded,
+            Err(error) => return JobOutcome::Error(error),
+        };
+        let mut due_version = 0;
+        let mut outcome_version = 0;
+        for (envelope, event) in history.iter().zip(&events) {
+            if artifact_matches(event, &job.artifact) {
+                due_version = envelope.stream_version;
+            }
+            if outcome_artifact(event) == Some(&job.artifact) {
+                outcome_version = envelope.stream_version;
+            }
+        }
+        let record = EncounterRecord::from_events(job.tenant.as_str(), &events);
+        if due_version == 0 || !due_artifacts(&record.state).contains(&job.artifact) {
+            return JobOutcome::NotDue;
+        }
+        if job.replay.is_none() && outcome_version > due_version {
+            return JobOutcome::UpToDate;
+        }
+        let Some(patient_id) = record.state.patient_id() else {
+            return JobOutcome::NotDue;
+        };
+        let identity = match self.identity(&job.tenant, patient_id).await {
+            Ok(identity) => identity,
+            Err(error) => return JobOutcome::Error(error.to_string()),
+        };
+        if !identity.allows_chart_writes() {
+            return JobOutcome::Parked(identity);
+        }
+        let replay = job.replay.map(|id| id.to_string()).unwrap_or_default();
+        let ids = |step: &str| {
+            derived_id(&[
+                "ehr-connector",
+                job.tenant.as_str(),
+                job.stream.as_str(),
+                &name,
+                &due_version.to_string(),
+                &replay,
+                step,
+            ])
+        };
+        let correlation = history
+            .last()
+            .map_or_else(Uuid::now_v7, |e| e.metadata.correlation_id);
+        let at = record.state.last_event_at.unwrap_or_else(Utc::now);
+        let artifact = job.artifact.clone();
+        let requested = self
+            .command(
+                job,
+                ids("request"),
+                correlation,
+                |at| EncounterCommand::RequestWriteBack {
+                    artifact: artifact.clone(),
+                    patient_identity: identity,
+                    at,
+                },
+                at,
+            )
+            .await;
+        if let CommandReply::Rejected { code, message } = requested {
+            return JobOutcome::Error(format!("RequestWriteBack rejected ({code:?}): {message}"));
+        }
+        let mut first: Option<Written> = None;
+        let mut failure = None;
+        for resource in resources_for(&record, &job.artifact) {
+            match self.inner.client.upsert(&resource).await {
+                Ok(written) => {
+                    first.get_or_insert(written);
+                }
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            }
+        }
+        let (outcome, command): (JobOutcome, MakeCommand) = match (failure, first) {
+            (None, Some(written)) => {
+                let resource = format!("{}/{}", written.resource_type, written.id);
+                let version = written.version.clone();
+                let artifact = artifact.clone();
+                (
+                    JobOutcome::Acknowledged {
+                        resource: resource.clone(),
+                        version: version.clone(),
+                    },
+                    Box::new(move |at| EncounterCommand::RecordWriteBackSucceeded {
+                        artifact: artifact.clone(),
+                        ehr_resource_id: resource.clone(),
+                        ehr_version: version.clone(),
+                        at,
+                    }),
+                )
+            }
+            (failure, _) => {
+                let failure = failure.unwrap_or(crate::client::WriteFailure {
+                    status: None,
+                    message: "the artifact maps to no resource".into(),
+                    retryable: false,
+                    attempts: 0,
+                });
+                let artifact = artifact.clone();
+                let recorded = failure.clone();
+                tracing::warn!(stream = %job.stream, artifact = %name, status = ?failure.status, message = %failure.message, retryable = failure.retryable, "EHR write-back failed");
+                (
+                    JobOutcome::Failed {
+                        status: failure.status,
+                        message: failure.message,
+                        retryable: failure.retryable,
+                    },
+                    Box::new(move |at| EncounterCommand::RecordWriteBackFailed {
+                        artifact: artifact.clone(),
+                        status: recorded.status,
+                        message: recorded.message.clone(),
+                        retryable: recorded.retryable,
+                        at,
+                    }),
+                )
+            }
+        };
+        match self
+            .command(job, ids("outcome"), correlation, command, at)
+            .await
+        {
+            CommandReply::Accepted { .. } => outcome,
+            CommandReply::Rejected { code, message } => JobOutcome::Error(format!(
+                "recording the outcome was rejected ({code:?}): {message}"
+            )),
+        }
+    }
+
+    /// Replays one artifact now (after a fix for a dead write-back), whatever its state.
+    pub async fn retry_write_back(
+        &self,
+        tenant: &TenantId,
+        encounter_id: Uuid,
+        artifact: WriteBackArtifact,
+    ) -> JobOutcome {
+        self.process(&Job {
+            tenant: tenant.clone(),
+            stream: StreamId::for_aggregate("encounter", encounter_id),
+            artifact,
+            replay: Some(Uuid::now_v7()),
+        })
+        .await
+    }
+
+    /// Every artifact due for one encounter (after an identity resolution).
+    async fn process_all_due(&self, tenant: &TenantId, stream: &StreamId) {
+        let Ok((_, events)) = self.load(tenant, stream).await else {
+            return;
+        };
+        let record = EncounterRecord::from_events(tenant.as_str(), &events);
+        for artifact in due_artifacts(&record.state) {
+            let job = Job {
+                tenant: tenant.clone(),
+                stream: stream.clone(),
+                artifact,
+                replay: None,
+            };
+            log_outcome(&job, &self.process(&job).await);
+        }
+    }
+
+    /// Runs until `shutdown` resolves: catch-up from the checkpoint, then live.
+    pub async fn run(
+        self,
+        wake: Option<tokio::sync::watch::Receiver<u64>>,
+        concurrency: usize,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), String> {
+        let store = self.inner.store.clone();
+        let checkpoint = Checkpoint::new(store.clone(), &self.inner.name);
+        let start = checkpoint.load().await.map_err(|e| e.to_string())?;
+        let mut index = PatientIndex::default();
+        index
+            .build(&store, start)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut subscription = Subscription::new(store.clone(), ReadScope::AllTenants, start)
+            .with_wake(wake)
+            .with_poll_interval(Duration::from_millis(200));
+        let limit = Arc::new(Semaphore::new(concurrency.max(1)));
+        let in_flight: Arc<Mutex<BTreeMap<u64, usize>>> = Arc::default();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut saved = start;
+        let mut dispatched = start;
+        tokio::pin!(shutdown);
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let event: EventEnvelope = tokio::select! {
+                event = subscription.next() => match event {
+                    Ok(event) => event,
+                    Err(error) if error.is_retryable() => {
+                        tracing::warn!(%error, "ehr connector: store unavailable; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                    Err(error) => return Err(error.to_string()),
+                },
+                _ = &mut shutdown => break,
+            };
+            let position = event.global_position;
+            for work in self.work_for(&event, &mut index) {
+                let permit = limit.clone().acquire_owned().await.expect("semaphore open");
+                *in_flight
+                    .lock()
+                    .expect("in flight")
+                    .entry(position)
+                    .or_default() += 1;
+                let (connector, in_flight) = (self.clone(), in_flight.clone());
+                tasks.spawn(async move {
+                    match work {
+                        Work::Job(job) => log_outcome(&job, &connector.process(&job).await),
+                        Work::AllDue(tenant, stream) => {
+                            connector.process_all_due(&tenant, &stream).await
+                        }
+                    }
+                    let mut map = in_flight.lock().expect("in flight");
+                    if let Some(count) = map.get_mut(&position) {
+                        *count -= 1;
+                        if *count == 0 {
+                            map.remove(&position);
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+            dispatched = position;
+            let safe = low_watermark(&in_flight, dispatched);
+            if safe >= saved + 200 {
+                checkpoint.save(safe).await.map_err(|e| e.to_string())?;
+                saved = safe;
+            }
+        }
+        // Drain what is in flight (bounded), then save how far everything got.
+        let _ = tokio::time::timeout(Duration::from_secs(30), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        let safe = low_watermark(&in_flight, dispatched);
+        if safe > saved {
+            let _ = checkpoint.save(safe).await;
+        }
+        Ok(())
+    }
+
+    fn work_for(&self, event: &EventEnvelope, index: &mut PatientIndex) -> Vec<Work> {
+        let tenant = &event.metadata.tenant;
+        match event.category() {
+            CHECKPOINT_CATEGORY => vec![],
+            "encounter" => {
+                let Ok(decoded) = decode::<EncounterEvent>(event) else {
+                    return vec![];
+                };
+                if let EncounterEvent::Scheduled(scheduled) = &decoded {
+                    index.add(tenant, scheduled.patient_id, &event.stream_id);
+                }
+                artifact_made_due(&decoded)
+                    .map(|artifact| {
+                        Work::Job(Job {
+                            tenant: tenant.clone(),
+                            stream: event.stream_id.clone(),
+                            artifact,
+                            replay: None,
+                        })
+                    })
+                    .into_iter()
+                    .collect()
+            }
+            "patient"
+                if matches!(
+                    event.event_type.as_str(),
+                    "IdentifierLinked" | "MatchResolved" | "NewPatientConfirmed"
+                ) =>
+            {
+                let Ok(patient_id) = event.stream_id.id_part().parse::<Uuid>() else {
+                    return vec![];
+                };
+                index
+                    .encounters(tenant, patient_id)
+                    .map(|stream| Work::AllDue(tenant.clone(), stream.clone()))
+                    .collect()
+            }
+            _ => vec![],
+        }
+    }
+}
+
+enum Work {
+    Job(Job),
+    AllDue(TenantId, StreamId),
+}
+
+fn low_watermark(in_flight: &Mutex<BTreeMap<u64, usize>>, dispatched: u64) -> u64 {
+    in_flight
+        .lock()
+        .expect("in flight")
+        .keys()
+        .next()
+        .map_or(dispatched, |oldest| oldest - 1)
+}
+
+fn log_outcome(job: &Job, outcome: &JobOutcome) {
+    let artifact = artifact_name(&job.artifact);
+    match outcome {
+        JobOutcome::Error(error) => {
+            tracing::warn!(stream = %job.stream, %artifact, %error, "ehr write-back job failed")
+        }
+        JobOutcome::Parked(identity) => {
+            tracing::info!(stream = %job.stream, %artifact, ?identity, "write-back waits for identity resolution")
+        }
+        other => tracing::debug!(stream = %job.stream, %artifact, ?other, "ehr write-back job"),
+    }
+}
+
+/// Patient → encounter streams, so an identity resolution can release what it blocked,
+/// also for encounters scheduled before the checkpoint (built by one scan at start).
+#[derive(Default)]
+struct PatientIndex {
+    encounters: HashMap<(TenantId, Uuid), BTreeSet<StreamId>>,
+}
+
+impl PatientIndex {
+    fn add(&mut self, tenant: &TenantId, patient_id: Uuid, stream: &StreamId) {
+        self.encounters
+            .entry((tenant.clone(), patient_id))
+            .or_default()
+            .insert(stream.clone());
+    }
+
+    fn encounters(&self, tenant: &TenantId, patient_id: Uuid) -> impl Iterator<Item = &StreamId> {
+        self.encounters
+            .get(&(tenant.clone(), patient_id))
+            .into_iter()
+            .flatten()
+    }
+
+    async fn build<S: EventStore>(&mut self, store: &S, up_to: u64) -> Result<(), StoreError> {
+        let mut after = 0;
+        while after < up_to {
+            let page = store.read_all(&ReadScope::AllTenants, after, 5_000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.global_position;
+            for event in page.iter().filter(|e| {
+                e.global_position <= up_to
+                    && e.category() == "encounter"
+                    && e.event_type == "Scheduled"
+            }) {
+                if let Ok(EncounterEvent::Scheduled(scheduled)) = decode::<EncounterEvent>(event) {
+                    self.add(
+                        &event.metadata.tenant,
+                        scheduled.patient_id,
+                        &event.stream_id,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
