@@ -52,7 +52,7 @@ async fn spawn_app() -> App {
         store: runtime.store.clone(),
         bus: runtime.bus.clone(),
         root: runtime.root.clone(),
-        read_db: None,
+        read_db: Some(chartline_projections::db::ReadDb::open(&url).await.unwrap()),
     })
     .await
     .unwrap();
@@ -311,10 +311,8 @@ async fn bombs_and_oversized_bodies_are_refused_without_work() {
     let app = spawn_app().await;
     let auditor = Some(token(&app, "clinic-a", &[Role::Auditor]));
     let deep = format!(
-        "{{ audit {{ history(streamId: \"encounter-{}\") {}{} }} }}",
-        Uuid::nil(),
-        "{ edges { node { actor { kind } } } pageInfo { hasNextPage } }".repeat(1),
-        ""
+        "{{ audit {{ history(streamId: \"encounter-{}\") {{ edges {{ node {{ actor {{ kind }} }} }} pageInfo {{ hasNextPage }} }} }} }}",
+        Uuid::nil()
     );
     let (_, ok) = gql(app.port, auditor.clone(), &deep, json!({})).await;
     assert!(ok["errors"].is_null(), "{ok}");
@@ -395,6 +393,99 @@ async fn mutations_go_through_the_command_path_idempotently() {
         rejected["data"]["signNote"],
         json!({"accepted": false, "code": "invariant"})
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciled_and_list_views_come_from_the_read_models() {
+    let app = spawn_app().await;
+    let visit = reference_visit(false);
+    run_lifecycle(&app.runtime, &visit).await;
+    let ops = Some(token(&app, "clinic-a", &[Role::Ops, Role::Billing]));
+    // Wait until the projections caught up with the lifecycle.
+    let mut caught_up = false;
+    for _ in 0..100 {
+        let (_, body) = gql(
+            app.port,
+            ops.clone(),
+            "{ projections { name lagEvents openDeadLetters } }",
+            json!({}),
+        )
+        .await;
+        let list = body["data"]["projections"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !list.is_empty() && list.iter().all(|p| p["lagEvents"] == 0) {
+            assert!(list.iter().all(|p| p["openDeadLetters"] == 0), "{body}");
+            caught_up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(caught_up, "projections never caught up");
+    let (_, body) = gql(app.port, ops.clone(), "{ encounters(first: 10) { edges { node { id status noteStatus codingOutcome codes } } pageInfo { hasNextPage } } }", json!({})).await;
+    let edges = body["data"]["encounters"]["edges"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"))
+        .clone();
+    assert_eq!(edges.len(), 1);
+    assert_eq!(edges[0]["node"]["id"], visit.encounter_id.to_string());
+    assert_eq!(edges[0]["node"]["noteStatus"], "signed");
+    assert_eq!(edges[0]["node"]["codingOutcome"], "billable");
+    let (_, body) = gql(
+        app.port,
+        ops.clone(),
+        "{ billingQueue(first: 10) { edges { node { itemId status reasons codes } } } }",
+        json!({}),
+    )
+    .await;
+    let item = &body["data"]["billingQueue"]["edges"][0]["node"];
+    assert_eq!(
+        item["itemId"],
+        format!("encounter:{}", visit.encounter_id),
+        "{body}"
+    );
+    // Nothing was written to an EHR in this deployment: the reconciled view says so.
+    let (_, body) = gql(
+        app.port,
+        Some(token(&app, "clinic-a", &[Role::Platform])),
+        "query($id: ID!) { reconciledEncounter(id: $id) { encounter { version } ehr { artifact state } billing { status } discrepancies { code } } }",
+        json!({"id": visit.encounter_id}),
+    )
+    .await;
+    let codes: Vec<&str> = body["data"]["reconciledEncounter"]["discrepancies"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"))
+        .iter()
+        .filter_map(|d| d["code"].as_str())
+        .collect();
+    assert!(codes.contains(&"NOTE_NOT_IN_CHART"), "{body}");
+    assert!(!codes.contains(&"READ_MODEL_LAGGING"), "{body}");
+    let (_, body) = gql(
+        app.port,
+        ops,
+        "{ integrationCompleteness { encounters fullyAutomated manualTouches } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        body["data"]["integrationCompleteness"]["encounters"], 1,
+        "{body}"
+    );
+    assert_eq!(body["data"]["integrationCompleteness"]["manualTouches"], 0);
+    assert_eq!(
+        body["data"]["integrationCompleteness"]["fullyAutomated"], 0,
+        "no artifact reached an EHR"
+    );
+    // Another tenant's lists are empty.
+    let (_, body) = gql(
+        app.port,
+        Some(token(&app, "clinic-b", &[Role::Ops])),
+        "{ encounters { edges { node { id } } } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(body["data"]["encounters"]["edges"], json!([]), "{body}");
 }
 
 #[test]

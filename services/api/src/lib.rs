@@ -18,6 +18,7 @@
 pub mod auth;
 pub mod phi;
 pub mod schema;
+pub mod views;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
 pub use auth::{Claims, Role, Secret};
-use schema::{ApiState, ChartlineSchema, MutationRoot, PhiReads, QueryRoot, SubscriptionRoot};
+use schema::{ApiState, ChartlineSchema, MutationRoot, PhiReads, Query, SubscriptionRoot};
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -74,7 +75,7 @@ struct AppState {
 }
 
 pub fn build_schema(state: ApiState) -> ChartlineSchema {
-    async_graphql::Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+    async_graphql::Schema::build(Query::default(), MutationRoot, SubscriptionRoot)
         .data(state)
         .limit_depth(MAX_DEPTH)
         .limit_complexity(MAX_COMPLEXITY)
@@ -83,7 +84,7 @@ pub fn build_schema(state: ApiState) -> ChartlineSchema {
 
 /// The SDL of the public contract (committed as `services/api/schema.graphql`).
 pub fn sdl() -> String {
-    async_graphql::Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+    async_graphql::Schema::build(Query::default(), MutationRoot, SubscriptionRoot)
         .finish()
         .sdl()
 }

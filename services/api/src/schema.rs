@@ -23,7 +23,11 @@ use uuid::Uuid;
 
 use crate::auth::{Claims, Role};
 
-pub type ChartlineSchema = async_graphql::Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
+/// The query root: encounter/audit resolvers plus the read-model views.
+#[derive(async_graphql::MergedObject, Default)]
+pub struct Query(QueryRoot, crate::views::ViewsQuery);
+
+pub type ChartlineSchema = async_graphql::Schema<Query, MutationRoot, SubscriptionRoot>;
 
 /// Resolvers that read the event store cost 50 (plus their children) against the
 /// complexity limit, so a query aliasing them hundreds of times is refused up front.
@@ -81,7 +85,7 @@ pub fn claims<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a Claims> {
     })
 }
 
-fn require(ctx: &Context<'_>, roles: &[Role]) -> async_graphql::Result<Claims> {
+pub fn require_roles(ctx: &Context<'_>, roles: &[Role]) -> async_graphql::Result<Claims> {
     let claims = claims(ctx)?;
     if claims.has_any(roles) {
         Ok(claims.clone())
@@ -94,7 +98,7 @@ fn require(ctx: &Context<'_>, roles: &[Role]) -> async_graphql::Result<Claims> {
 }
 
 /// Gate for a PHI field: checks the role and records the read.
-fn read_phi(ctx: &Context<'_>, patient_id: Uuid, field: &str) -> async_graphql::Result<()> {
+pub fn read_phi(ctx: &Context<'_>, patient_id: Uuid, field: &str) -> async_graphql::Result<()> {
     let claims = claims(ctx)?;
     if !claims.roles.iter().any(|r| r.sees_phi()) {
         return Err(api_error(
@@ -142,10 +146,24 @@ async fn load_encounter(
     }))
 }
 
+/// The current state of an encounter of the token's tenant (None when absent).
+pub async fn load_encounter_view(
+    ctx: &Context<'_>,
+    id: Uuid,
+) -> async_graphql::Result<Option<EncounterView>> {
+    load_encounter(ctx, id, |_| true).await
+}
+
 /// An encounter's state, replayed from its stream.
 pub struct EncounterView {
     id: Uuid,
     state: Encounter,
+}
+
+impl EncounterView {
+    pub fn state(&self) -> &Encounter {
+        &self.state
+    }
 }
 
 #[derive(Enum, Clone, Copy, PartialEq, Eq)]
@@ -265,7 +283,7 @@ impl EncounterView {
         &self,
         ctx: &Context<'_>,
     ) -> async_graphql::Result<Option<Json<serde_json::Value>>> {
-        require(
+        require_roles(
             ctx,
             &[
                 Role::Billing,
@@ -374,8 +392,8 @@ impl AuditEvent {
 
 #[derive(SimpleObject)]
 pub struct PageInfo {
-    has_next_page: bool,
-    end_cursor: Option<String>,
+    pub(crate) has_next_page: bool,
+    pub(crate) end_cursor: Option<String>,
 }
 
 #[derive(SimpleObject)]
@@ -439,7 +457,7 @@ impl Audit {
         #[graphql(default = 50)] first: usize,
         after: Option<String>,
     ) -> async_graphql::Result<EventConnection> {
-        let claims = require(ctx, &[Role::Auditor])?;
+        let claims = require_roles(ctx, &[Role::Auditor])?;
         let stream = StreamId::parse(&stream_id)
             .map_err(|e| api_error(ApiErrorCode::BadInput, e.to_string()))?;
         let from = match after {
@@ -492,7 +510,7 @@ impl Audit {
         version: Option<u64>,
         at: Option<String>,
     ) -> async_graphql::Result<EncounterAt> {
-        require(ctx, &[Role::Auditor])?;
+        require_roles(ctx, &[Role::Auditor])?;
         let id = Uuid::parse_str(&id)
             .map_err(|_| api_error(ApiErrorCode::BadInput, "id must be a UUID"))?;
         let at = at
@@ -518,7 +536,7 @@ impl Audit {
         ctx: &Context<'_>,
         stream_id: String,
     ) -> async_graphql::Result<VerifyResult> {
-        let claims = require(ctx, &[Role::Auditor])?;
+        let claims = require_roles(ctx, &[Role::Auditor])?;
         let stream = StreamId::parse(&stream_id)
             .map_err(|e| api_error(ApiErrorCode::BadInput, e.to_string()))?;
         let report = state(ctx)
@@ -553,7 +571,7 @@ impl Audit {
         from: Option<String>,
         to: Option<String>,
     ) -> async_graphql::Result<Vec<PhiAccess>> {
-        let claims = require(ctx, &[Role::Auditor])?;
+        let claims = require_roles(ctx, &[Role::Auditor])?;
         let patient = Uuid::parse_str(&patient_id)
             .map_err(|_| api_error(ApiErrorCode::BadInput, "patientId must be a UUID"))?;
         let stream = crate::phi::access_stream(patient);
@@ -588,6 +606,7 @@ impl Audit {
     }
 }
 
+#[derive(Default)]
 pub struct QueryRoot;
 
 #[Object]
@@ -606,9 +625,47 @@ impl QueryRoot {
         load_encounter(ctx, id, |_| true).await
     }
 
+    /// A patient's identity state; demographics are PHI (clinician or auditor, recorded).
+    #[graphql(complexity = "50 + child_complexity")]
+    async fn patient(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> async_graphql::Result<Option<Json<serde_json::Value>>> {
+        let claims = claims(ctx)?;
+        let id = Uuid::parse_str(&id)
+            .map_err(|_| api_error(ApiErrorCode::BadInput, "id must be a UUID"))?;
+        let stream = StreamId::for_aggregate("patient", id);
+        let events = read_whole_stream(&state(ctx).store, &claims.tenant, &stream)
+            .await
+            .map_err(unavailable)?;
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let mut patient = chartline_domain::patient::Patient::default();
+        for envelope in &events {
+            let event: chartline_domain::patient::PatientEvent =
+                decode(envelope).map_err(unavailable)?;
+            patient.apply(&event);
+        }
+        let sees_phi = claims.roles.iter().any(|r| r.sees_phi());
+        if sees_phi {
+            read_phi(ctx, id, "demographics")?;
+        }
+        Ok(Some(Json(serde_json::json!({
+            "id": id,
+            "identityStatus": patient.status,
+            "identifiers": if sees_phi { serde_json::to_value(&patient.identifiers).unwrap_or_default() } else { serde_json::Value::Null },
+            "demographics": if sees_phi { serde_json::to_value(&patient.demographics).unwrap_or_default() } else { serde_json::Value::Null },
+            "openReviewCandidates": patient.open_review.len(),
+            "mergedInto": patient.merged_into,
+            "version": patient.version,
+        }))))
+    }
+
     /// Auditor views.
     async fn audit(&self, ctx: &Context<'_>) -> async_graphql::Result<Audit> {
-        require(ctx, &[Role::Auditor])?;
+        require_roles(ctx, &[Role::Auditor])?;
         Ok(Audit)
     }
 }
@@ -839,7 +896,7 @@ impl SubscriptionRoot {
         &self,
         ctx: &Context<'_>,
     ) -> async_graphql::Result<impl Stream<Item = EncounterUpdate>> {
-        let claims = require(
+        let claims = require_roles(
             ctx,
             &[
                 Role::Ops,
