@@ -9,6 +9,7 @@
 //! (fsync, synchronous_commit on) is left as configured on the server.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use chartline_proto::{EventEnvelope, StreamId, TenantId};
@@ -19,8 +20,8 @@ use sqlx::{AssertSqlSafe, PgPool, Row, SqlSafeStr};
 use uuid::Uuid;
 
 use super::writer::{
-    AppendRequest, BatchCommitter, Loaded, StoredEvent, StreamRow, Writer, envelope_from_columns,
-    keys, plan,
+    AppendRequest, BatchCommitter, Loaded, Plan, Speculation, StoredEvent, StreamRow, WriteCache,
+    Writer, envelope_from_columns, is_stale_speculation, keys, plan,
 };
 use super::{
     AppendResult, DEFAULT_MAX_EVENT_BYTES, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT,
@@ -31,13 +32,22 @@ use super::{
 pub const WRITE_LOCK_KEY: i64 = 0x6368_6172_746c_696e;
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "event store".into(),
-        MigrationType::Simple,
-        include_str!("../../migrations/postgres/0001_event_store.sql").into_sql_str(),
-        false,
-    )])
+    Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            "event store".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/postgres/0001_event_store.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            2,
+            "append group".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/postgres/0002_append_group.sql").into_sql_str(),
+            false,
+        ),
+    ])
 }
 
 const SELECT_EVENT: &str = "SELECT global_position, event_id, stream_id, stream_version, event_type, \
@@ -52,7 +62,12 @@ pub struct PostgresStore {
 
 struct PostgresCommitter {
     pool: PgPool,
+    /// Only the writer task touches it (one group at a time); never held across an await.
+    cache: Mutex<WriteCache>,
 }
+
+/// SQLSTATE raised by `chartline_append_group` when the writer's cache was stale.
+const STALE_SPECULATION: &str = "CLSTA";
 
 impl PostgresStore {
     /// Connects to a `postgres://` URL and runs migrations.
@@ -73,7 +88,13 @@ impl PostgresStore {
             sqlx::query_scalar("SELECT COALESCE(MAX(global_position), 0)::bigint FROM events")
                 .fetch_one(&pool)
                 .await?;
-        let writer = Writer::spawn(PostgresCommitter { pool: pool.clone() }, head as u64);
+        let writer = Writer::spawn(
+            PostgresCommitter {
+                pool: pool.clone(),
+                cache: Mutex::new(WriteCache::default()),
+            },
+            head as u64,
+        );
         Ok(PostgresStore {
             pool,
             writer,
@@ -96,18 +117,20 @@ impl PostgresStore {
 }
 
 fn row_to_envelope(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, StoreError> {
+    // By index, in SELECT_EVENT's column order (read_all decodes millions of rows; a
+    // column-name lookup per column per row is wasted work).
     envelope_from_columns(
-        row.try_get("global_position")?,
-        row.try_get("event_id")?,
-        row.try_get("stream_id")?,
-        row.try_get("stream_version")?,
-        row.try_get("event_type")?,
-        i64::from(row.try_get::<i32, _>("schema_version")?),
-        row.try_get("data")?,
-        row.try_get("metadata")?,
-        row.try_get("recorded_at")?,
-        row.try_get("prev_hash")?,
-        row.try_get("hash")?,
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+        i64::from(row.try_get::<i32, _>(5)?),
+        row.try_get(6)?,
+        row.try_get(7)?,
+        row.try_get(8)?,
+        row.try_get(9)?,
+        row.try_get(10)?,
     )
 }
 
@@ -116,6 +139,89 @@ impl BatchCommitter for PostgresCommitter {
         &self,
         batch: &[AppendRequest],
     ) -> Result<Vec<Result<AppendResult, StoreError>>, StoreError> {
+        let speculation = self
+            .cache
+            .lock()
+            .expect("write cache lock")
+            .speculate(batch, Utc::now());
+        if let Some(speculation) = speculation {
+            match self.commit_speculation(&speculation).await {
+                Ok(()) => {
+                    let Speculation { plan, head, .. } = speculation;
+                    self.cache
+                        .lock()
+                        .expect("write cache lock")
+                        .committed(&plan, head, None);
+                    return Ok(plan.replies);
+                }
+                // Someone else wrote, or ids were already stored: decide from loaded state.
+                Err(error) if is_stale_speculation(&error, STALE_SPECULATION) => {}
+                Err(error) => {
+                    self.cache.lock().expect("write cache lock").forget();
+                    return Err(error.into());
+                }
+            }
+        }
+        match self.commit_loaded(batch).await {
+            Ok((plan, head, tenants, streams)) => {
+                self.cache.lock().expect("write cache lock").committed(
+                    &plan,
+                    head,
+                    Some((tenants, streams)),
+                );
+                Ok(plan.replies)
+            }
+            Err(error) => {
+                self.cache.lock().expect("write cache lock").forget();
+                Err(error)
+            }
+        }
+    }
+}
+
+type LoadedCommit = (Plan, u64, HashSet<String>, HashMap<String, StreamRow>);
+
+impl PostgresCommitter {
+    /// The fast path: the plan made from the cache, proved and written by one statement
+    /// (`chartline_append_group`, migration 0002) in one implicit transaction.
+    async fn commit_speculation(&self, speculation: &Speculation) -> Result<(), sqlx::Error> {
+        let rows = &speculation.plan.rows;
+        let streams = &speculation.plan.streams;
+        let assumed = &speculation.assumed_streams;
+        sqlx::query(
+            "SELECT chartline_append_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+             $15, $16, $17, $18, $19, $20, $21, $22)",
+        )
+        .bind(WRITE_LOCK_KEY)
+        .bind(speculation.head as i64)
+        .bind(assumed.iter().map(|a| a.0.as_str()).collect::<Vec<_>>())
+        .bind(assumed.iter().map(|a| a.1 as i64).collect::<Vec<_>>())
+        .bind(assumed.iter().map(|a| a.2.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.global_position as i64).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.stream_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.stream_version as i64).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.event_type.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.schema_version as i32).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.data.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.metadata.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.recorded_at.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.prev_hash.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.hash.as_str()).collect::<Vec<_>>())
+        .bind(streams.iter().map(|s| s.stream_id.as_str()).collect::<Vec<_>>())
+        .bind(streams.iter().map(|s| s.tenant.as_str()).collect::<Vec<_>>())
+        .bind(streams.iter().map(|s| s.category.as_str()).collect::<Vec<_>>())
+        .bind(streams.iter().map(|s| s.version as i64).collect::<Vec<_>>())
+        .bind(streams.iter().map(|s| s.last_hash.as_str()).collect::<Vec<_>>())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The loading path: lock, load everything the group touches, plan, write, commit.
+    /// Returns the plan, the head before it and the loaded tenants and streams.
+    async fn commit_loaded(&self, batch: &[AppendRequest]) -> Result<LoadedCommit, StoreError> {
         let (tenants, streams, event_ids) = keys(batch);
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -177,6 +283,8 @@ impl BatchCommitter for PostgresCommitter {
             );
         }
 
+        let loaded_tenants = known_tenants.clone();
+        let loaded_streams = stream_rows.clone();
         let planned = plan(
             batch,
             Loaded {
@@ -230,7 +338,12 @@ impl BatchCommitter for PostgresCommitter {
                 .await?;
         }
         tx.commit().await?;
-        Ok(planned.replies)
+        Ok((
+            planned,
+            next_position as u64 - 1,
+            loaded_tenants,
+            loaded_streams,
+        ))
     }
 }
 

@@ -279,6 +279,145 @@ pub(crate) fn plan(
     }
 }
 
+/// What the single writer remembers between groups so that the common case — new events
+/// appended to streams this writer already knows — can be planned without reading the
+/// database first.
+///
+/// The cache is a *speculation*, never trusted on its own: a backend commits a plan made
+/// from it only inside a transaction that proves the speculation still holds (head
+/// position unchanged, every stream at the cached version and hash, no event id stored
+/// yet — by explicit checks or by unique constraints). Anything else — another process
+/// wrote, a stream was evicted, a retry re-sends stored ids — rolls that attempt back and
+/// the group is planned again from state loaded inside the transaction, exactly as
+/// without the cache. Conflicts, idempotent replays and unknown tenants are therefore
+/// always decided from loaded state, never from the cache.
+#[derive(Default)]
+pub(crate) struct WriteCache {
+    /// Highest committed position as last seen by this writer; `None` when unknown.
+    head: Option<u64>,
+    tenants: HashSet<String>,
+    /// Streams known to exist with their state; a stream absent here is speculated new.
+    streams: HashMap<String, StreamRow>,
+}
+
+/// Bound on cached streams; when exceeded the stream cache starts over (a miss costs one
+/// fallback to the loading path, never a wrong answer).
+const MAX_CACHED_STREAMS: usize = 100_000;
+
+/// A plan made from the cache, with the pre-state it assumed for each stream.
+pub(crate) struct Speculation {
+    pub plan: Plan,
+    /// Head position assumed (positions start at `head + 1`).
+    pub head: u64,
+    /// (stream id, version or 0 when new, last hash or "" when new) for every stream.
+    pub assumed_streams: Vec<(String, u64, String)>,
+}
+
+impl WriteCache {
+    /// Plans `batch` from the cache when it can be: the head and every tenant are known
+    /// and every request turns out to be a plain new append. `None` means "load".
+    pub fn speculate(
+        &self,
+        batch: &[AppendRequest],
+        recorded_at: DateTime<Utc>,
+    ) -> Option<Speculation> {
+        let head = self.head?;
+        if !batch
+            .iter()
+            .all(|r| self.tenants.contains(r.tenant.as_str()))
+        {
+            return None;
+        }
+        let mut streams = HashMap::with_capacity(batch.len());
+        let mut assumed_streams = Vec::with_capacity(batch.len());
+        for request in batch {
+            let key = request.stream.as_str();
+            if streams.contains_key(key)
+                || assumed_streams
+                    .iter()
+                    .any(|(s, _, _): &(String, u64, String)| s == key)
+            {
+                continue;
+            }
+            match self.streams.get(key) {
+                Some(row) => {
+                    assumed_streams.push((key.to_owned(), row.version, row.last_hash.clone()));
+                    streams.insert(key.to_owned(), row.clone());
+                }
+                None => assumed_streams.push((key.to_owned(), 0, String::new())),
+            }
+        }
+        let known_tenants = batch.iter().map(|r| r.tenant.to_string()).collect();
+        let plan = plan(
+            batch,
+            Loaded {
+                known_tenants,
+                streams,
+                existing: HashMap::new(),
+                next_position: head + 1,
+            },
+            recorded_at,
+        );
+        let clean = plan
+            .replies
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|r| !r.deduplicated));
+        clean.then_some(Speculation {
+            plan,
+            head,
+            assumed_streams,
+        })
+    }
+
+    /// Records a committed plan. `loaded` is the pre-state the plan was made from when it
+    /// was loaded from the database (it then also refreshes the cache).
+    pub fn committed(
+        &mut self,
+        plan: &Plan,
+        head_before: u64,
+        loaded: Option<(HashSet<String>, HashMap<String, StreamRow>)>,
+    ) {
+        if let Some((tenants, streams)) = loaded {
+            self.tenants.extend(tenants);
+            if self.streams.len() + streams.len() > MAX_CACHED_STREAMS {
+                self.streams.clear();
+            }
+            self.streams.extend(streams);
+        }
+        if self.streams.len() + plan.streams.len() > MAX_CACHED_STREAMS {
+            self.streams.clear();
+        }
+        for update in &plan.streams {
+            self.streams.insert(
+                update.stream_id.clone(),
+                StreamRow {
+                    tenant: update.tenant.clone(),
+                    version: update.version,
+                    last_hash: update.last_hash.clone(),
+                },
+            );
+        }
+        self.head = Some(plan.rows.last().map_or(head_before, |r| r.global_position));
+    }
+
+    /// Forgets everything (after an error whose effect on the database is unknown).
+    pub fn forget(&mut self) {
+        *self = WriteCache::default();
+    }
+}
+
+/// True when a failed speculative commit only means "the cache was stale": a unique
+/// violation (an event id, position or stream version that already exists) or the
+/// backend's own stale-state signal.
+pub(crate) fn is_stale_speculation(error: &sqlx::Error, stale_code: &str) -> bool {
+    match error {
+        sqlx::Error::Database(db) => {
+            db.is_unique_violation() || db.code().as_deref() == Some(stale_code)
+        }
+        _ => false,
+    }
+}
+
 /// A backend that can commit a group of appends in one transaction.
 pub(crate) trait BatchCommitter: Send + Sync + 'static {
     /// Runs one write transaction for the group; returns one result per request, or an
@@ -298,6 +437,8 @@ pub(crate) struct Writer {
 
 /// Most events one group transaction carries (keeps transactions short).
 const MAX_GROUP_EVENTS: usize = 5_000;
+/// Yields without a new request after which a group commits smaller than the last one.
+const GROUP_YIELDS: u32 = 3;
 /// Transient failures of a whole group are retried this many times before callers see
 /// `Unavailable` (the transaction rolled back, so retrying is safe).
 const GROUP_RETRIES: u32 = 5;
@@ -307,18 +448,44 @@ impl Writer {
         let (sender, mut receiver) = mpsc::channel::<AppendRequest>(4_096);
         let (head_tx, head) = watch::channel(initial_head);
         tokio::spawn(async move {
+            // Requests in the previous group: callers answered together tend to come back
+            // together, so a smaller group than that is worth a few yields.
+            let mut previous_group = 1;
             while let Some(first) = receiver.recv().await {
                 let mut events = first.events.len();
                 let mut batch = vec![first];
-                while events < MAX_GROUP_EVENTS {
-                    match receiver.try_recv() {
-                        Ok(next) => {
-                            events += next.events.len();
-                            batch.push(next);
+                let drain =
+                    |batch: &mut Vec<AppendRequest>,
+                     events: &mut usize,
+                     receiver: &mut mpsc::Receiver<AppendRequest>| {
+                        while *events < MAX_GROUP_EVENTS {
+                            match receiver.try_recv() {
+                                Ok(next) => {
+                                    *events += next.events.len();
+                                    batch.push(next);
+                                }
+                                Err(_) => break,
+                            }
                         }
-                        Err(_) => break,
+                    };
+                drain(&mut batch, &mut events, &mut receiver);
+                // Adaptive group commit: the callers just answered are still on their way
+                // back (woken, not yet run). Yielding lets them enqueue into this group
+                // instead of each paying a commit of its own; it costs microseconds, and
+                // nothing when a lone writer is alone (previous group of 1).
+                let mut idle_yields = 0;
+                while batch.len() < previous_group
+                    && events < MAX_GROUP_EVENTS
+                    && idle_yields < GROUP_YIELDS
+                {
+                    tokio::task::yield_now().await;
+                    let before = batch.len();
+                    drain(&mut batch, &mut events, &mut receiver);
+                    if batch.len() == before {
+                        idle_yields += 1;
                     }
                 }
+                previous_group = batch.len();
                 let mut attempt = 0;
                 let outcome = loop {
                     match committer.commit_batch(&batch).await {
