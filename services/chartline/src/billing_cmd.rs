@@ -29,6 +29,19 @@ pub enum BillingCommand {
         #[arg(long, value_parser = parse_day)]
         known_at: Option<NaiveDate>,
     },
+    /// The recorded billing decisions of a real encounter: codes, policy version, rule
+    /// trace, hold reasons, revisions and release, oldest first.
+    Explain {
+        #[arg(long)]
+        encounter: uuid::Uuid,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Event store URL (default: the embedded SQLite file).
+        #[arg(long = "store", env = "CHARTLINE_STORE_URL", default_value = chartline_infra::store::DEFAULT_STORE_URL)]
+        store: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// List the policy versions: number, recorded date, rule set changed, rule counts.
     Policies {
         /// Print JSON instead of a table.
@@ -44,6 +57,89 @@ fn parse_day(text: &str) -> Result<NaiveDate, String> {
 
 /// Exit status for rejected input (as `EX_DATAERR`-style tools do, distinct from 1).
 const BAD_INPUT: u8 = 2;
+
+/// `billing explain`: reads the encounter's coding events from the store.
+fn explain(
+    encounter: uuid::Uuid,
+    tenant: &str,
+    store_url: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let tenant = chartline_proto::TenantId::parse(tenant)?;
+    let stream = chartline_proto::StreamId::for_aggregate("encounter", encounter);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let decisions = runtime.block_on(async {
+        let store = chartline_infra::AnyStore::open(store_url).await?;
+        anyhow::Ok(chartline_billing::recorded_decisions(&store, &tenant, &stream).await?)
+    })?;
+    if decisions.is_empty() {
+        eprintln!("error: no billing decision is recorded for {stream} (tenant {tenant})");
+        return Ok(ExitCode::from(BAD_INPUT));
+    }
+    if json {
+        let list: Vec<_> = decisions
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "event_type": e.event_type,
+                    "version": e.stream_version,
+                    "recorded_at": e.recorded_at,
+                    "actor": e.metadata.actor,
+                    "decision": e.data,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for event in &decisions {
+        let data = &event.data;
+        println!(
+            "{} (stream version {}, recorded {}, by {} {})",
+            event.event_type,
+            event.stream_version,
+            event.recorded_at.to_rfc3339(),
+            serde_json::to_value(event.metadata.actor.kind)?
+                .as_str()
+                .unwrap_or_default(),
+            event.metadata.actor.id
+        );
+        if event.event_type == "ChargeReleased" {
+            println!("  released codes {}", data["codes"]);
+            continue;
+        }
+        println!("  policy version {}", data["policy_version"]);
+        println!(
+            "  outcome        {}",
+            data["outcome"]["outcome"].as_str().unwrap_or("?")
+        );
+        if let Some(codes) = data["outcome"]["codes"].as_array() {
+            for code in codes {
+                println!(
+                    "    {} modifiers {} POS {} units {}",
+                    code["code"].as_str().unwrap_or_default(),
+                    code["modifiers"],
+                    code["pos"].as_str().unwrap_or_default(),
+                    code["units"]
+                );
+            }
+        }
+        if let Some(reasons) = data["outcome"]["reasons"].as_array() {
+            for reason in reasons {
+                println!("    reason: {}", reason.as_str().unwrap_or_default());
+            }
+        }
+        if let Some(trace) = data["rule_trace"].as_array() {
+            println!("  rule trace");
+            for rule in trace {
+                println!("    {}", rule.as_str().unwrap_or_default());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 pub fn run(command: BillingCommand) -> anyhow::Result<ExitCode> {
     let history = shipped_policy_history().context("loading the shipped billing policy")?;
@@ -64,6 +160,12 @@ pub fn run(command: BillingCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        BillingCommand::Explain {
+            encounter,
+            tenant,
+            store,
+            json,
+        } => explain(encounter, &tenant, &store, json),
         BillingCommand::Policies { json } => {
             if json {
                 println!(

@@ -33,6 +33,9 @@ pub struct DemoArgs {
     /// Stop after printing the summary instead of serving.
     #[arg(long)]
     pub exit: bool,
+    /// HTTP address of the API and dashboard while serving.
+    #[arg(long, env = "CHARTLINE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
     /// Commands in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
@@ -100,7 +103,7 @@ async fn drive(
 
 pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> {
     let serve = ServeArgs {
-        listen: "127.0.0.1:8080".into(),
+        listen: args.listen.clone(),
         ..ServeArgs::embedded(&[TENANT])
     };
     let selected = serve.selected()?;

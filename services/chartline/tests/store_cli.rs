@@ -248,3 +248,77 @@ fn kill_9_during_a_1000_event_batch_is_all_or_nothing_on_postgres() {
         .await;
     });
 }
+
+#[test]
+fn billing_explain_prints_the_recorded_decision_of_a_demo_encounter() {
+    let (store, dir) = temp_sqlite();
+    let demo = Command::new(BIN)
+        .args([
+            "demo",
+            "--exit",
+            "--encounters",
+            "6",
+            "--seed",
+            "3",
+            "--store",
+            &store,
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let encounter: String = runtime.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&store).await.unwrap();
+        sqlx::query_scalar(
+            "SELECT substr(stream_id, 11) FROM events WHERE event_type = 'CodesAssigned' LIMIT 1",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    });
+    let explain = Command::new(BIN)
+        .args([
+            "billing",
+            "explain",
+            "--encounter",
+            &encounter,
+            "--tenant",
+            "demo-clinic",
+            "--store",
+            &store,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        explain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&explain.stderr)
+    );
+    let text = String::from_utf8_lossy(&explain.stdout);
+    assert!(
+        text.contains("CodesAssigned")
+            && text.contains("policy version")
+            && text.contains("rule trace"),
+        "{text}"
+    );
+    let missing = Command::new(BIN)
+        .args([
+            "billing",
+            "explain",
+            "--encounter",
+            &uuid::Uuid::new_v4().to_string(),
+            "--tenant",
+            "demo-clinic",
+            "--store",
+            &store,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(dir);
+}
