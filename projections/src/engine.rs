@@ -1300,7 +1300,10 @@ async fn tables_empty(
     for spec in tables {
         let rows = db
             .fetch(
-                &format!("SELECT CAST(1 AS BIGINT) FROM {} LIMIT 1", spec.physical(generation)),
+                &format!(
+                    "SELECT CAST(1 AS BIGINT) FROM {} LIMIT 1",
+                    spec.physical(generation)
+                ),
                 &[],
                 &[Kind::Int],
             )
