@@ -602,7 +602,7 @@ async fn create_resource(
         }
         if race {
             // Check-then-insert with a gap, as real servers do.
-            tokio::time::sleep(Duration::from_millis(15)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     let id = uuid::Uuid::new_v4().simple().to_string();
