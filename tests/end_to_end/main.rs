@@ -5,3 +5,4 @@
 
 mod api;
 mod embedded;
+mod identity;

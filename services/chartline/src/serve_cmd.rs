@@ -241,7 +241,31 @@ pub async fn start(
     command_service!("rpm", chartline_rpm::run);
     command_service!("identity", chartline_identity::run);
     command_service!("billing", chartline_billing::run_commands);
+    // Ready only when every command service answers: a probe gets `unknown_command`
+    // once the service has subscribed (and `NoResponders` before).
+    for service in [
+        "scheduling",
+        "consultation",
+        "documentation",
+        "rpm",
+        "identity",
+        "billing",
+    ] {
+        if selected.contains(service) {
+            wait_for_service(&runtime.bus, &root, service).await?;
+        }
+    }
 
+    if selected.contains("identity") {
+        let (store, wake, stop) = (store.clone(), store.head_watch(), shutdown_signal(stop));
+        tasks.spawn(async move {
+            let result = chartline_identity::run_reactor(store, wake, stop).await;
+            (
+                "identity-reactor".to_string(),
+                result.map_err(anyhow::Error::msg),
+            )
+        });
+    }
     if selected.contains("billing") {
         let mut changes = chartline_proto::billing_policy::SHIPPED_POLICY_FILES
             .iter()
@@ -408,6 +432,28 @@ pub fn jwt_secret() -> anyhow::Result<chartline_api::Secret> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(chartline_api::Secret::new(fresh.into_bytes()))
+}
+
+/// Waits until a command service answers on the bus.
+async fn wait_for_service(bus: &Bus, root: &str, service: &str) -> anyhow::Result<()> {
+    let subject = format!(
+        "{root}.cmd.{}.{service}.readiness_probe",
+        chartline_infra::checkpoint::SYSTEM_TENANT
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        match bus
+            .request(&subject, b"{}".to_vec(), Duration::from_secs(2))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(chartline_infra::bus::BusError::NoResponders(_)) => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(error) => bail!("{service} did not become ready: {error}"),
+        }
+    }
+    bail!("{service} did not answer within 30 s")
 }
 
 /// Waits until the store service answers (it subscribes asynchronously).
