@@ -7,6 +7,7 @@
 
 mod bench_cmd;
 mod billing_cmd;
+mod config;
 mod demo_cmd;
 mod ehr_cmd;
 mod identity_cmd;
@@ -101,7 +102,25 @@ fn init_tracing() {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let mut args: Vec<String> = std::env::args().collect();
+    let mut command = <Cli as clap::CommandFactory>::command();
+    if let Some(path) = config::take_config_path(&mut args) {
+        let applied = std::fs::read_to_string(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|text| config::assignments(&text, |v| std::env::var_os(v).is_some()));
+        match applied {
+            Ok(assignments) => command = config::apply_as_defaults(command, &assignments),
+            Err(error) => {
+                eprintln!("error: config file {}: {error:#}", path.display());
+                return std::process::ExitCode::from(2);
+            }
+        }
+    }
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&command.get_matches_from(args))
+    {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     init_tracing();
     let result = match cli.command {
         Command::Store { args, command } => block_on(store_cmd::run(args, command)),
