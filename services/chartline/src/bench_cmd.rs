@@ -26,6 +26,8 @@ use uuid::Uuid;
 pub enum BenchCommand {
     /// Event store throughput and latency on SQLite, PostgreSQL and the NATS store service.
     Store(StoreBenchArgs),
+    /// Commands/s and latency through the command path, embedded and distributed.
+    Commands(crate::bench_commands::CommandBenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -87,6 +89,7 @@ pub struct StoreBenchArgs {
 pub async fn run(command: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
     match command {
         BenchCommand::Store(args) => run_store(args).await,
+        BenchCommand::Commands(args) => crate::bench_commands::run(args).await,
     }
 }
 

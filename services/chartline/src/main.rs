@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod bench_cmd;
+mod bench_commands;
 mod billing_cmd;
 mod config;
 mod demo_cmd;
