@@ -82,8 +82,11 @@ pub enum Bus {
 
 impl Bus {
     pub async fn connect_nats(url: &str) -> Result<Bus, BusError> {
+        // A service that starts while NATS is briefly down keeps trying in the
+        // background (and reconnects after any later outage) instead of exiting.
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(3))
+            .retry_on_initial_connect()
             .name("chartline")
             .connect(url)
             .await
