@@ -19,7 +19,7 @@ fn tenant() -> TenantId {
 async fn start() -> (Runtime, tokio::sync::watch::Sender<bool>) {
     let dir = std::env::temp_dir().join(format!("chartline_t_{}", Uuid::new_v4().simple()));
     let mut args = ServeArgs::embedded(&["clinic-a"]);
-    args.only = ["scheduling", "identity"]
+    args.only = ["scheduling", "identity", "identity-matcher"]
         .iter()
         .map(|s| s.to_string())
         .collect();

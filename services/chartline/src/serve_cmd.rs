@@ -30,6 +30,7 @@ pub const COMPONENTS: &[&str] = &[
     "billing",
     "rpm",
     "identity",
+    "identity-matcher",
     "relay",
     "projections",
     "api",
@@ -38,8 +39,9 @@ pub const COMPONENTS: &[&str] = &[
 
 #[derive(Args, Clone)]
 pub struct ServeArgs {
-    /// Comma-separated components to run (default: all). One of: store, scheduling,
-    /// consultation, documentation, billing, rpm, identity, relay.
+    /// Comma-separated components to run (default: all). Any of: store, scheduling,
+    /// consultation, documentation, billing, rpm, identity, identity-matcher, relay,
+    /// projections, ehr, api.
     #[arg(long, env = "CHARTLINE_ONLY", value_delimiter = ',')]
     pub only: Vec<String>,
     /// NATS URL. Without it, everything runs in this process on an in-process bus.
@@ -256,7 +258,7 @@ pub async fn start(
         }
     }
 
-    if selected.contains("identity") {
+    if selected.contains("identity-matcher") {
         let (store, wake, stop) = (store.clone(), store.head_watch(), shutdown_signal(stop));
         tasks.spawn(async move {
             let result = chartline_identity::run_reactor(store, wake, stop).await;
