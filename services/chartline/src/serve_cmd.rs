@@ -213,12 +213,14 @@ pub async fn start(
         // The store service may be another process that is still starting.
         wait_for_store(&runtime.bus, &root).await?;
     }
-    // Tenants and the billing policy exist before any command is taken.
-    let service_store = store.clone();
-    service_store.ensure_tenant(&system_tenant()).await?;
+    // Tenants and the billing policy exist before any command is taken. A store that
+    // is briefly unreachable (NATS restarting) is waited for, not fatal.
+    let mut tenants = vec![system_tenant()];
     for tenant in &args.tenants {
-        let tenant = TenantId::parse(tenant.trim())?;
-        service_store.ensure_tenant(&tenant).await?;
+        tenants.push(TenantId::parse(tenant.trim())?);
+    }
+    for tenant in &tenants {
+        retry_while_unavailable(|| store.ensure_tenant(tenant)).await?;
     }
 
     macro_rules! command_service {
@@ -275,7 +277,7 @@ pub async fn start(
             .collect::<Result<Vec<_>, _>>()
             .context("loading the shipped billing policy")?;
         changes.sort_by_key(|change| change.version);
-        chartline_billing::publish_policy(&store, &changes)
+        retry_while_unavailable(|| chartline_billing::publish_policy(&store, &changes))
             .await
             .context("recording the billing policy on policy-billing")?;
         let (store, wake, stop) = (store.clone(), store.head_watch(), shutdown_signal(stop));
@@ -434,6 +436,26 @@ pub fn jwt_secret() -> anyhow::Result<chartline_api::Secret> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(chartline_api::Secret::new(fresh.into_bytes()))
+}
+
+/// Retries a store operation while the store is unavailable (bounded: 60 s).
+async fn retry_while_unavailable<T, F, Fut>(
+    mut operation: F,
+) -> Result<T, chartline_infra::StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, chartline_infra::StoreError>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match operation().await {
+            Err(error) if error.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(%error, "start-up: event store unavailable; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Waits until a command service answers on the bus.
