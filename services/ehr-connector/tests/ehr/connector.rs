@@ -642,10 +642,15 @@ async fn write_back_throughput_against_the_sandbox() {
     let stats = app.sandbox_stats().await;
     assert_eq!(stats["duplicates"], json!([]));
     eprintln!(
-        "write-back throughput: {} encounters fully acknowledged in {:.2} s = {:.1} encounters/s (debug build, shared 2-core machine); sandbox {stats}",
+        "write-back throughput: {} encounters fully acknowledged in {:.2} s = {:.1} encounters/s ({} build, shared 2-core machine); sandbox {stats}",
         encounters.len(),
         elapsed.as_secs_f64(),
-        encounters.len() as f64 / elapsed.as_secs_f64()
+        encounters.len() as f64 / elapsed.as_secs_f64(),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
     );
     app.shutdown().await;
 }
