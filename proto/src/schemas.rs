@@ -37,6 +37,22 @@ pub fn all() -> Vec<(&'static str, serde_json::Value)> {
     ]
 }
 
+/// The schema with every object's keys in sorted order, so the committed files do not
+/// depend on whether some other crate in a build turned on `serde_json/preserve_order`.
+pub fn sorted(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut entries: Vec<(String, serde_json::Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.into_iter().map(sorted).collect())
+        }
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -48,7 +64,7 @@ mod tests {
         let mut drifted = Vec::new();
         for (name, schema) in super::all() {
             let path = dir.join(format!("{name}.schema.json"));
-            let generated = serde_json::to_string_pretty(&schema).unwrap() + "\n";
+            let generated = serde_json::to_string_pretty(&super::sorted(schema)).unwrap() + "\n";
             if bless {
                 std::fs::create_dir_all(&dir).unwrap();
                 std::fs::write(&path, &generated).unwrap();
