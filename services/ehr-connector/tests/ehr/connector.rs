@@ -721,3 +721,58 @@ async fn a_status_change_is_a_version_aware_update_with_history() {
     assert_eq!(response.status().as_u16(), 412);
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn note_signed_to_document_reference_acknowledged_latency_while_live() {
+    let app = Harness::start(None).await;
+    let running = app.run_connector(app.connector(app.client(None, false), "ehr-latency"));
+    let visits: Vec<Visit> = (6_000..6_100).map(visit).collect();
+    for chunk in visits.chunks(25) {
+        futures::future::join_all(chunk.iter().map(|v| async {
+            app.register_patient(v.patient_id, true).await;
+            app.run_visit(v).await;
+        }))
+        .await;
+    }
+    let encounters: Vec<Uuid> = visits.iter().map(|v| v.encounter_id).collect();
+    wait_until(Duration::from_secs(240), || app.all_settled(&encounters)).await;
+    running.stop().await;
+    // From the commit of NoteSigned to the commit of the DocumentReference outcome that
+    // follows it (both `recorded_at`, stamped by the store).
+    let mut latencies = Vec::new();
+    for encounter in &encounters {
+        let stream = StreamId::for_aggregate("encounter", *encounter);
+        let history = read_whole_stream(&app.runtime.store, &tenant(), &stream)
+            .await
+            .unwrap();
+        let signed = history
+            .iter()
+            .find(|e| e.event_type == "NoteSigned")
+            .unwrap();
+        let acknowledged = history
+            .iter()
+            .filter(|e| e.stream_version > signed.stream_version)
+            .find(|e| {
+                e.event_type == "WriteBackSucceeded"
+                    && e.data["artifact"]["resource"] == "document_reference"
+            })
+            .unwrap_or_else(|| panic!("{stream}: no DocumentReference outcome after NoteSigned"));
+        latencies.push((acknowledged.recorded_at - signed.recorded_at).num_milliseconds());
+    }
+    latencies.sort_unstable();
+    let percentile = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).max(1) - 1];
+    eprintln!(
+        "NoteSigned -> DocumentReference acknowledged ({} build, {} live encounters): p50 {} ms, p99 {} ms, max {} ms",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        latencies.len(),
+        percentile(0.5),
+        percentile(0.99),
+        latencies.last().unwrap()
+    );
+    assert_eq!(app.sandbox_stats().await["duplicates"], json!([]));
+    app.shutdown().await;
+}
