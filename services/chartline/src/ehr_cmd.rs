@@ -1,7 +1,8 @@
 //! `chartline fhir …` and `chartline sandbox-ehr`: the EHR connector's operator CLI.
 //!
 //! - `fhir export --encounter ID` prints the FHIR R4 `transaction` Bundle of what the
-//!   connector writes for that encounter (read from the event store; nothing is sent).
+//!   connector writes for that encounter (read from the event store; nothing is sent);
+//!   `fhir export --patient ID --rpm` the patient's RPM readings as Observations.
 //! - `fhir retry --encounter ID --artifact NAME --ehr-url URL` replays one write-back
 //!   (after a dead one was fixed) and records the outcome.
 //! - `sandbox-ehr` runs the stand-in FHIR server (not a real EHR; see docs/ehr.md).
@@ -37,10 +38,16 @@ pub enum EhrCommand {
 
 #[derive(Subcommand)]
 pub enum FhirCommand {
-    /// Print the transaction Bundle of an encounter's FHIR resources.
+    /// Print a transaction Bundle: an encounter's resources (`--encounter ID`), or a
+    /// patient's RPM readings as vital-signs Observations (`--patient ID --rpm`).
     Export {
-        #[arg(long)]
-        encounter: Uuid,
+        #[arg(long, required_unless_present = "patient", conflicts_with = "patient")]
+        encounter: Option<Uuid>,
+        #[arg(long, requires = "rpm")]
+        patient: Option<Uuid>,
+        /// With --patient: export RPM Observations.
+        #[arg(long, requires = "patient")]
+        rpm: bool,
         #[arg(long, default_value = "default")]
         tenant: String,
         #[arg(long = "store", env = "CHARTLINE_STORE_URL", default_value = DEFAULT_STORE_URL)]
@@ -80,9 +87,15 @@ pub async fn run(command: EhrCommand) -> anyhow::Result<ExitCode> {
     match command {
         EhrCommand::Fhir(FhirCommand::Export {
             encounter,
+            patient,
+            rpm: _,
             tenant,
             store,
-        }) => export(encounter, &tenant, &store).await,
+        }) => match (encounter, patient) {
+            (Some(encounter), _) => export(encounter, &tenant, &store).await,
+            (None, Some(patient)) => export_rpm(patient, &tenant, &store).await,
+            (None, None) => Ok(ExitCode::from(EXIT_BAD_INPUT)),
+        },
         EhrCommand::Fhir(FhirCommand::Retry {
             encounter,
             artifact,
@@ -157,6 +170,22 @@ async fn export(encounter: Uuid, tenant: &str, store_url: &str) -> anyhow::Resul
     println!(
         "{}",
         serde_json::to_string_pretty(&transaction_bundle(&record))?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn export_rpm(patient: Uuid, tenant: &str, store_url: &str) -> anyhow::Result<ExitCode> {
+    let tenant = TenantId::parse(tenant)?;
+    let store = AnyStore::open(store_url)
+        .await
+        .with_context(|| format!("opening event store {store_url}"))?;
+    let observations =
+        chartline_ehr_connector::reactor::patient_rpm_observations(&store, &tenant, patient)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&chartline_ehr_connector::fhir::bundle_of(&observations))?
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -638,3 +638,47 @@ impl PatientIndex {
         Ok(())
     }
 }
+
+/// Every RPM reading of a patient (all enrolments in the tenant) as vital-signs
+/// Observations, in log order (for `chartline fhir export --patient ID --rpm`).
+pub async fn patient_rpm_observations<S: EventStore>(
+    store: &S,
+    tenant: &TenantId,
+    patient_id: Uuid,
+) -> Result<Vec<serde_json::Value>, String> {
+    use chartline_domain::rpm::RpmEvent;
+    let scope = ReadScope::Tenant(tenant.clone());
+    let mut enrolments = BTreeSet::new();
+    let mut observations = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store
+            .read_all(&scope, after, 5_000)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(last) = page.last() else { break };
+        after = last.global_position;
+        for event in page.iter().filter(|e| e.category() == "rpm") {
+            match decode::<RpmEvent>(event).map_err(|e| e.to_string())? {
+                RpmEvent::Enrolled {
+                    patient_id: enrolled,
+                    ..
+                } if enrolled == patient_id => {
+                    enrolments.insert(event.stream_id.clone());
+                }
+                RpmEvent::ReadingsRecorded {
+                    batch_id, readings, ..
+                } if enrolments.contains(&event.stream_id) => {
+                    observations.extend(crate::fhir::observations_for(
+                        tenant.as_str(),
+                        patient_id,
+                        batch_id,
+                        &readings,
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(observations)
+}

@@ -80,6 +80,7 @@ impl Harness {
             "documentation",
             "billing",
             "identity",
+            "rpm",
         ]
         .map(String::from)
         .to_vec();
@@ -774,5 +775,65 @@ async fn note_signed_to_document_reference_acknowledged_latency_while_live() {
         latencies.last().unwrap()
     );
     assert_eq!(app.sandbox_stats().await["duplicates"], json!([]));
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_readings_export_as_vital_signs_observations() {
+    let app = Harness::start(None).await;
+    let (patient, enrollment, batch) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    app.send(
+        "rpm",
+        "enroll",
+        json!({
+            "enrollment_id": enrollment, "patient_id": patient, "device_id": "synthetic-cuff-1",
+            "period_start": "2026-03-01", "time_zone": "America/Chicago", "thresholds": [],
+            "at": "2026-03-01T12:00:00Z",
+        }),
+    )
+    .await;
+    app.send(
+        "rpm",
+        "record_readings",
+        json!({
+            "enrollment_id": enrollment, "batch_id": batch,
+            "readings": [
+                {"code": "8480-6", "value": 131.0, "unit": "mm[Hg]", "effective_at": "2026-03-02T08:00:00Z", "device_id": "synthetic-cuff-1"},
+                {"code": "59408-5", "value": 96.0, "unit": "%", "effective_at": "2026-03-02T08:00:00Z", "device_id": "synthetic-oximeter-1"},
+            ],
+            "at": "2026-03-02T08:05:00Z",
+        }),
+    )
+    .await;
+    let observations = chartline_ehr_connector::reactor::patient_rpm_observations(
+        &app.runtime.store,
+        &tenant(),
+        patient,
+    )
+    .await
+    .unwrap();
+    assert_eq!(observations.len(), 2);
+    assert_eq!(observations[0]["code"]["coding"][0]["code"], "8480-6");
+    assert_eq!(observations[0]["valueQuantity"]["code"], "mm[Hg]");
+    assert_eq!(
+        observations[1]["code"]["coding"].as_array().unwrap().len(),
+        2,
+        "SpO2 carries both LOINC codes"
+    );
+    assert_eq!(
+        observations[1]["identifier"][0]["value"],
+        format!("{batch}-1")
+    );
+    // Another patient's export is empty.
+    assert!(
+        chartline_ehr_connector::reactor::patient_rpm_observations(
+            &app.runtime.store,
+            &tenant(),
+            Uuid::now_v7()
+        )
+        .await
+        .unwrap()
+        .is_empty()
+    );
     app.shutdown().await;
 }
