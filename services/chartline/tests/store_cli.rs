@@ -322,3 +322,128 @@ fn billing_explain_prints_the_recorded_decision_of_a_demo_encounter() {
     assert_eq!(missing.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `chartline demo --exit --encounters 200 --seed 7`: the numbers it prints are the
+/// numbers stored (checked against the event store and the read models directly).
+#[test]
+fn demo_summary_matches_the_store() {
+    let (store, dir) = temp_sqlite();
+    let summary_path = dir.join("summary.json");
+    let demo = Command::new(BIN)
+        .args([
+            "demo",
+            "--exit",
+            "--encounters",
+            "200",
+            "--seed",
+            "7",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &store,
+        ])
+        .arg("--summary-json")
+        .arg(&summary_path)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&summary_path).unwrap()).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let count = |sql: &str| -> i64 {
+        let sql = sql.to_string();
+        let store = store.clone();
+        runtime.block_on(async move {
+            let pool = sqlx::SqlitePool::connect(&store).await.unwrap();
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        })
+    };
+    let tenant = "tenant_id = 'demo-clinic'";
+    assert_eq!(summary["encounters"], 200);
+    assert_eq!(
+        summary["completed"].as_i64().unwrap(),
+        count(&format!(
+            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'NoteSigned'"
+        ))
+    );
+    assert_eq!(
+        summary["cancelled"].as_i64().unwrap(),
+        count(&format!(
+            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'Cancelled'"
+        ))
+    );
+    assert_eq!(
+        summary["no_show"].as_i64().unwrap(),
+        count(&format!(
+            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'NoShow'"
+        ))
+    );
+    let decisions: i64 = summary["billing_decisions"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        decisions,
+        count(&format!(
+            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'CodesAssigned'"
+        ))
+    );
+    assert_eq!(
+        summary["ehr_acknowledged"].as_i64().unwrap(),
+        count(&format!(
+            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'WriteBackSucceeded'"
+        ))
+    );
+    assert!(
+        summary["ehr_acknowledged"].as_i64().unwrap() > 0,
+        "nothing reached the sandbox EHR"
+    );
+    assert_eq!(
+        summary["ehr_write_backs"]["acknowledged"].as_i64().unwrap(),
+        count(
+            "SELECT COUNT(*) FROM ehr_writeback WHERE tenant = 'demo-clinic' AND state = 'acknowledged'"
+        )
+    );
+    let reviews = summary["identity"]["MatchReviewRequested"]
+        .as_i64()
+        .unwrap_or(0);
+    assert_eq!(
+        reviews,
+        count(&format!(
+            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'MatchReviewRequested'"
+        ))
+    );
+    assert!(
+        reviews >= summary["twins"].as_i64().unwrap(),
+        "every twin must go to review"
+    );
+    let queue: i64 = summary["billing_queue"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        queue,
+        count("SELECT COUNT(*) FROM billing_queue WHERE tenant = 'demo-clinic'")
+    );
+    assert_eq!(summary["manual_code_picks"], 0);
+    assert_eq!(summary["projection_lag"], 0);
+    assert_eq!(summary["chains_intact"], true);
+    // (Reactors append their final checkpoints to the system tenant after the summary.)
+    assert_eq!(
+        summary["tenant_events"].as_i64().unwrap(),
+        count(&format!("SELECT COUNT(*) FROM events WHERE {tenant}"))
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
