@@ -49,6 +49,20 @@ pub fn derived_event_id(command_id: Uuid, stream: &StreamId, version: u64) -> Uu
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
+/// A deterministic UUID (v8) from string parts: reactors derive command and event ids
+/// from the triggering event this way, so redelivery repeats the same ids.
+pub fn derived_uuid(parts: &[&str]) -> Uuid {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
 fn rejected(code: RejectionCode, message: impl Into<String>) -> CommandReply {
     CommandReply::Rejected {
         code,

@@ -21,14 +21,15 @@ use chartline_domain::encounter::{Encounter, EncounterCommand, Modality};
 use chartline_infra::EventStore;
 use chartline_infra::bus::{Bus, BusError};
 use chartline_infra::checkpoint::{CHECKPOINT_CATEGORY, Checkpoint, system_tenant};
-use chartline_infra::command::{CommandContext, ServiceSpec, execute, serve_commands};
+use chartline_infra::command::{
+    CommandContext, ServiceSpec, derived_uuid, execute, serve_commands,
+};
 use chartline_infra::store::{
     Direction, ExpectedVersion, ReadScope, StoreError, Subscription, read_whole_stream,
 };
 use chartline_proto::codec::decode;
 use chartline_proto::commands::CommandReply;
 use chartline_proto::{Actor, ActorKind, EventEnvelope, Metadata, NewEvent, StreamId, TenantId};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 pub const SPEC: ServiceSpec = ServiceSpec {
@@ -67,14 +68,14 @@ pub async fn publish_policy<S: EventStore>(
     let stream = policy_stream();
     for change in changes {
         let event = NewEvent {
-            event_id: derived_id(&["policy-version", &change.version.to_string()]),
+            event_id: derived_uuid(&["policy-version", &change.version.to_string()]),
             event_type: "PolicyVersionRecorded".into(),
             schema_version: 1,
             data: serde_json::to_value(change).expect("policy changes serialize"),
             metadata: Metadata {
                 tenant: tenant.clone(),
                 actor: Actor::new(ActorKind::System, "policy-loader"),
-                correlation_id: derived_id(&["policy-load"]),
+                correlation_id: derived_uuid(&["policy-load"]),
                 causation_id: None,
                 source: "billing".into(),
                 occurred_at: change
@@ -102,18 +103,6 @@ pub async fn load_policy<S: EventStore>(store: &S) -> Result<PolicyHistory, Stri
         .map(|e| serde_json::from_value::<PolicyChange>(e.data.clone()).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     PolicyHistory::from_changes(changes).map_err(|e| e.to_string())
-}
-
-fn derived_id(parts: &[&str]) -> Uuid {
-    let mut hasher = Sha256::new();
-    for part in parts {
-        hasher.update(part.as_bytes());
-        hasher.update([0]);
-    }
-    let digest = hasher.finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 /// Evaluates one encounter and records the decision. `trigger` names the event that
@@ -157,7 +146,7 @@ pub async fn code_encounter<S: EventStore>(
         );
     let context = CommandContext {
         tenant: tenant.clone(),
-        command_id: derived_id(&[
+        command_id: derived_uuid(&[
             "billing-reactor",
             &trigger.to_string(),
             encounter_stream.as_str(),

@@ -27,12 +27,13 @@ use chartline_domain::patient::{
 use chartline_infra::EventStore;
 use chartline_infra::bus::{Bus, BusError};
 use chartline_infra::checkpoint::{CHECKPOINT_CATEGORY, Checkpoint};
-use chartline_infra::command::{CommandContext, ServiceSpec, execute, serve_commands};
+use chartline_infra::command::{
+    CommandContext, ServiceSpec, derived_uuid, execute, serve_commands,
+};
 use chartline_infra::store::{ReadScope, Subscription};
 use chartline_proto::codec::decode;
 use chartline_proto::commands::CommandReply;
 use chartline_proto::{Actor, ActorKind, EventEnvelope, StreamId, TenantId};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 pub const SPEC: ServiceSpec = ServiceSpec {
@@ -182,17 +183,6 @@ impl Registry {
     }
 }
 
-fn derived_id(parts: &[&str]) -> Uuid {
-    let mut hasher = Sha256::new();
-    for part in parts {
-        hasher.update(part.as_bytes());
-        hasher.update([0]);
-    }
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&hasher.finalize()[..16]);
-    uuid::Builder::from_custom_bytes(bytes).into_uuid()
-}
-
 /// Applies one event to the registry and resolves a fresh registration.
 pub async fn react<S: EventStore>(store: &S, registry: &mut Registry, event: &EventEnvelope) {
     if event.category() != "patient" {
@@ -213,7 +203,7 @@ pub async fn react<S: EventStore>(store: &S, registry: &mut Registry, event: &Ev
     };
     let context = CommandContext {
         tenant,
-        command_id: derived_id(&[REACTOR_NAME, &event.event_id.to_string()]),
+        command_id: derived_uuid(&[REACTOR_NAME, &event.event_id.to_string()]),
         actor: Actor::new(ActorKind::Service, "identity-matcher"),
         correlation_id: event.metadata.correlation_id,
         source: "identity".into(),
