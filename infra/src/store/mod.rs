@@ -25,6 +25,7 @@
 pub mod any;
 pub mod nats;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 mod writer;
 

@@ -16,7 +16,7 @@ use chartline_proto::{EventEnvelope, StreamId, TenantId};
 use chrono::Utc;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, PgPool, Row, SqlSafeStr};
+use sqlx::{PgPool, Row, SqlSafeStr};
 use uuid::Uuid;
 
 use super::writer::{
@@ -49,9 +49,6 @@ fn migrator() -> Migrator {
         ),
     ])
 }
-
-const SELECT_EVENT: &str = "SELECT global_position, event_id, stream_id, stream_version, event_type, \
-     schema_version, data, metadata, recorded_at, prev_hash, hash FROM events";
 
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -117,7 +114,7 @@ impl PostgresStore {
 }
 
 fn row_to_envelope(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, StoreError> {
-    // By index, in SELECT_EVENT's column order (read_all decodes millions of rows; a
+    // By index, in super::sql's column order (read_all decodes millions of rows; a
     // column-name lookup per column per row is wasted work).
     envelope_from_columns(
         row.try_get(0)?,
@@ -368,15 +365,7 @@ impl EventStore for PostgresStore {
         limit: usize,
     ) -> Result<Vec<EventEnvelope>, StoreError> {
         let limit = limit.min(MAX_READ_LIMIT) as i64;
-        let sql = match direction {
-            Direction::Forwards => format!(
-                "{SELECT_EVENT} WHERE stream_id = $1 AND tenant_id = $2 AND stream_version >= $3 ORDER BY stream_version LIMIT $4"
-            ),
-            Direction::Backwards => format!(
-                "{SELECT_EVENT} WHERE stream_id = $1 AND tenant_id = $2 AND stream_version <= $3 ORDER BY stream_version DESC LIMIT $4"
-            ),
-        };
-        let rows = sqlx::query(AssertSqlSafe(sql))
+        let rows = sqlx::query(super::sql::read_stream(direction))
             .bind(stream.as_str())
             .bind(tenant.as_str())
             .bind(from_version.min(i64::MAX as u64) as i64)
@@ -395,23 +384,19 @@ impl EventStore for PostgresStore {
         let limit = limit.min(MAX_READ_LIMIT) as i64;
         let rows = match scope {
             ReadScope::AllTenants => {
-                sqlx::query(AssertSqlSafe(format!(
-                    "{SELECT_EVENT} WHERE global_position > $1 ORDER BY global_position LIMIT $2"
-                )))
-                .bind(after_position as i64)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
+                sqlx::query(super::sql::READ_ALL)
+                    .bind(after_position as i64)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
             }
             ReadScope::Tenant(tenant) => {
-                sqlx::query(AssertSqlSafe(format!(
-                    "{SELECT_EVENT} WHERE tenant_id = $1 AND global_position > $2 ORDER BY global_position LIMIT $3"
-                )))
-                .bind(tenant.as_str())
-                .bind(after_position as i64)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
+                sqlx::query(super::sql::READ_ALL_OF_TENANT)
+                    .bind(tenant.as_str())
+                    .bind(after_position as i64)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
             }
         };
         upcast_page(rows.iter().map(row_to_envelope).collect::<Result<_, _>>()?)
@@ -430,13 +415,11 @@ impl EventStore for PostgresStore {
         tenant: &TenantId,
         stream: &StreamId,
     ) -> Result<VerifyReport, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "{SELECT_EVENT} WHERE stream_id = $1 AND tenant_id = $2 ORDER BY stream_version"
-        )))
-        .bind(stream.as_str())
-        .bind(tenant.as_str())
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(super::sql::STREAM_OF_TENANT)
+            .bind(stream.as_str())
+            .bind(tenant.as_str())
+            .fetch_all(&self.pool)
+            .await?;
         let events = rows
             .iter()
             .map(row_to_envelope)
@@ -464,12 +447,10 @@ impl EventStore for PostgresStore {
             if !scope.allows(&tenant) {
                 continue;
             }
-            let rows = sqlx::query(AssertSqlSafe(format!(
-                "{SELECT_EVENT} WHERE stream_id = $1 ORDER BY stream_version"
-            )))
-            .bind(&stream_id)
-            .fetch_all(&self.pool)
-            .await?;
+            let rows = sqlx::query(super::sql::STREAM)
+                .bind(&stream_id)
+                .fetch_all(&self.pool)
+                .await?;
             let events = rows
                 .iter()
                 .map(row_to_envelope)

@@ -37,9 +37,6 @@ fn migrator() -> Migrator {
     )])
 }
 
-const SELECT_EVENT: &str = "SELECT global_position, event_id, stream_id, stream_version, event_type, \
-     schema_version, data, metadata, recorded_at, prev_hash, hash FROM events";
-
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -149,11 +146,10 @@ impl SqliteStore {
 
     async fn raw_events_of(
         &self,
-        filter: &str,
+        sql: &'static str,
         binds: &[&str],
     ) -> Result<Vec<EventEnvelope>, StoreError> {
-        let sql = format!("{SELECT_EVENT} {filter}");
-        let mut query = sqlx::query(AssertSqlSafe(sql));
+        let mut query = sqlx::query(sql);
         for bind in binds {
             query = query.bind(*bind);
         }
@@ -163,7 +159,7 @@ impl SqliteStore {
 }
 
 fn row_to_envelope(row: &sqlx::sqlite::SqliteRow) -> Result<EventEnvelope, StoreError> {
-    // By index, in SELECT_EVENT's column order (read_all decodes millions of rows; a
+    // By index, in super::sql's column order (read_all decodes millions of rows; a
     // column-name lookup per column per row is wasted work).
     envelope_from_columns(
         row.try_get(0)?,
@@ -427,15 +423,7 @@ impl EventStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<EventEnvelope>, StoreError> {
         let limit = limit.min(MAX_READ_LIMIT) as i64;
-        let sql = match direction {
-            Direction::Forwards => format!(
-                "{SELECT_EVENT} WHERE stream_id = ? AND tenant_id = ? AND stream_version >= ? ORDER BY stream_version LIMIT ?"
-            ),
-            Direction::Backwards => format!(
-                "{SELECT_EVENT} WHERE stream_id = ? AND tenant_id = ? AND stream_version <= ? ORDER BY stream_version DESC LIMIT ?"
-            ),
-        };
-        let rows = sqlx::query(AssertSqlSafe(sql))
+        let rows = sqlx::query(super::sql::read_stream(direction))
             .bind(stream.as_str())
             .bind(tenant.as_str())
             .bind(from_version.min(i64::MAX as u64) as i64)
@@ -454,23 +442,19 @@ impl EventStore for SqliteStore {
         let limit = limit.min(MAX_READ_LIMIT) as i64;
         let rows = match scope {
             ReadScope::AllTenants => {
-                sqlx::query(AssertSqlSafe(format!(
-                    "{SELECT_EVENT} WHERE global_position > ? ORDER BY global_position LIMIT ?"
-                )))
-                .bind(after_position as i64)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
+                sqlx::query(super::sql::READ_ALL)
+                    .bind(after_position as i64)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
             }
             ReadScope::Tenant(tenant) => {
-                sqlx::query(AssertSqlSafe(format!(
-                    "{SELECT_EVENT} WHERE tenant_id = ? AND global_position > ? ORDER BY global_position LIMIT ?"
-                )))
-                .bind(tenant.as_str())
-                .bind(after_position as i64)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
+                sqlx::query(super::sql::READ_ALL_OF_TENANT)
+                    .bind(tenant.as_str())
+                    .bind(after_position as i64)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
             }
         };
         upcast_page(rows.iter().map(row_to_envelope).collect::<Result<_, _>>()?)
@@ -490,7 +474,7 @@ impl EventStore for SqliteStore {
     ) -> Result<VerifyReport, StoreError> {
         let events = self
             .raw_events_of(
-                "WHERE stream_id = ? AND tenant_id = ? ORDER BY stream_version",
+                super::sql::STREAM_OF_TENANT,
                 &[stream.as_str(), tenant.as_str()],
             )
             .await?;
@@ -519,7 +503,7 @@ impl EventStore for SqliteStore {
                 continue;
             }
             let events = self
-                .raw_events_of("WHERE stream_id = ? ORDER BY stream_version", &[&stream_id])
+                .raw_events_of(super::sql::STREAM, &[&stream_id])
                 .await?;
             verify_grouped(&events, &mut report);
         }
