@@ -189,6 +189,37 @@ pub enum WriteBackArtifact {
     ChargeItem,
 }
 
+/// How what the EHR holds for an acknowledged artifact differs from what was
+/// acknowledged (found by the connector's reconciliation job, read back over FHIR).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftKind {
+    /// The resource is gone: deleted in the EHR, or no longer found by its identifier.
+    Missing,
+    /// Its `status` (or DocumentReference `docStatus`) is not what was written.
+    StatusChanged,
+    /// Same status, but the EHR's version moved past the acknowledged one: someone
+    /// else changed it.
+    VersionChanged,
+    /// The clinical note is not there: the Composition is gone or the
+    /// DocumentReference lost its attachment.
+    NoteMissing,
+    /// More than one resource carries the business identifier.
+    Duplicated,
+}
+
+/// A drift that no later successful write-back has resolved yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct OpenDrift {
+    pub kind: DriftKind,
+    pub resource: String,
+    pub expected: String,
+    pub found: String,
+    pub detected_at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WriteBackState {
@@ -286,6 +317,23 @@ pub enum EncounterCommand {
         retryable: bool,
         at: DateTime<Utc>,
     },
+    /// Records that the EHR no longer holds what was acknowledged. Only against the
+    /// artifact's current acknowledgement (`acknowledged_resource_id`/`_version` must be
+    /// the last `WriteBackSucceeded`'s), so a read-back that raced a newer write cannot
+    /// record stale drift. `at` is stream time (never later than the encounter's last
+    /// fact); `detected_at` is when the EHR was read.
+    DetectEhrDrift {
+        artifact: WriteBackArtifact,
+        acknowledged_resource_id: String,
+        acknowledged_version: String,
+        kind: DriftKind,
+        /// The resource the finding is about (`Type/id`, or `Type?identifier=…`).
+        resource: String,
+        expected: String,
+        found: String,
+        detected_at: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
     ReleaseCharge {
         at: DateTime<Utc>,
     },
@@ -327,6 +375,7 @@ impl EncounterCommand {
             | EncounterCommand::RequestWriteBack { at, .. }
             | EncounterCommand::RecordWriteBackSucceeded { at, .. }
             | EncounterCommand::RecordWriteBackFailed { at, .. }
+            | EncounterCommand::DetectEhrDrift { at, .. }
             | EncounterCommand::ReleaseCharge { at } => *at,
         }
     }
@@ -357,6 +406,7 @@ pub enum EncounterEvent {
     WriteBackRequested(WriteBackRequested),
     WriteBackSucceeded(WriteBackSucceeded),
     WriteBackFailed(WriteBackFailed),
+    EhrDriftDetected(EhrDriftDetected),
     ChargeReleased(ChargeReleased),
 }
 
@@ -496,6 +546,23 @@ pub struct WriteBackFailed {
     pub at: DateTime<Utc>,
 }
 
+/// The EHR differs from an acknowledged write-back. Open until the artifact's next
+/// `WriteBackSucceeded` (a re-write resolves it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct EhrDriftDetected {
+    pub artifact: WriteBackArtifact,
+    pub kind: DriftKind,
+    /// The acknowledgement compared against.
+    pub ehr_resource_id: String,
+    pub ehr_version: String,
+    /// The resource the finding is about (`Type/id`, or `Type?identifier=…`).
+    pub resource: String,
+    pub expected: String,
+    pub found: String,
+    pub detected_at: DateTime<Utc>,
+    pub at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ChargeReleased {
     pub codes: Vec<AssignedCode>,
@@ -525,6 +592,7 @@ impl EncounterEvent {
             EncounterEvent::WriteBackRequested(_) => "WriteBackRequested",
             EncounterEvent::WriteBackSucceeded(_) => "WriteBackSucceeded",
             EncounterEvent::WriteBackFailed(_) => "WriteBackFailed",
+            EncounterEvent::EhrDriftDetected(_) => "EhrDriftDetected",
             EncounterEvent::ChargeReleased(_) => "ChargeReleased",
         }
     }
@@ -548,6 +616,7 @@ impl EncounterEvent {
             EncounterEvent::WriteBackRequested(e) => e.at,
             EncounterEvent::WriteBackSucceeded(e) => e.at,
             EncounterEvent::WriteBackFailed(e) => e.at,
+            EncounterEvent::EhrDriftDetected(e) => e.at,
             EncounterEvent::ChargeReleased(e) => e.at,
         }
     }
@@ -616,6 +685,16 @@ pub enum EncounterError {
     IdentityNotResolved(IdentityStatus),
     #[error("no write-back of {0:?} was requested")]
     WriteBackNotRequested(WriteBackArtifact),
+    #[error(
+        "drift of {artifact:?} was checked against {resource_id} version {version}, which is not its current acknowledgement; read the EHR again"
+    )]
+    DriftAgainstStaleAcknowledgement {
+        artifact: WriteBackArtifact,
+        resource_id: String,
+        version: String,
+    },
+    #[error("no drift: expected and found are both {0:?}")]
+    NoDrift(String),
     #[error("the follow-up task {0} already exists")]
     DuplicateTask(Uuid),
     #[error("the follow-up task {0} does not exist on this encounter")]
@@ -689,6 +768,9 @@ pub struct WriteBackStatus {
     pub ehr_resource_id: Option<String>,
     pub ehr_version: Option<String>,
     pub last_error: Option<String>,
+    /// Drift found since the last successful write-back (cleared by the next one).
+    #[serde(default)]
+    pub drift: Vec<OpenDrift>,
 }
 
 /// The folded state of one encounter stream.
@@ -1120,6 +1202,56 @@ impl Aggregate for Encounter {
                     at: *at,
                 })])
             }
+            C::DetectEhrDrift {
+                artifact,
+                acknowledged_resource_id,
+                acknowledged_version,
+                kind,
+                resource,
+                expected,
+                found,
+                detected_at,
+                at,
+            } => {
+                let current = self
+                    .write_back(artifact)
+                    .ok_or_else(|| EncounterError::WriteBackNotRequested(artifact.clone()))?;
+                if current.state != WriteBackState::Succeeded
+                    || current.ehr_resource_id.as_ref() != Some(acknowledged_resource_id)
+                    || current.ehr_version.as_ref() != Some(acknowledged_version)
+                {
+                    return Err(EncounterError::DriftAgainstStaleAcknowledgement {
+                        artifact: artifact.clone(),
+                        resource_id: acknowledged_resource_id.clone(),
+                        version: acknowledged_version.clone(),
+                    });
+                }
+                non_empty(resource, "resource")?;
+                non_empty(expected, "expected")?;
+                non_empty(found, "found")?;
+                if expected == found {
+                    return Err(EncounterError::NoDrift(found.clone()));
+                }
+                // The same finding still open: already recorded, nothing new.
+                if current
+                    .drift
+                    .iter()
+                    .any(|d| d.kind == *kind && &d.resource == resource && &d.found == found)
+                {
+                    return Ok(vec![]);
+                }
+                Ok(vec![E::EhrDriftDetected(EhrDriftDetected {
+                    artifact: artifact.clone(),
+                    kind: *kind,
+                    ehr_resource_id: acknowledged_resource_id.clone(),
+                    ehr_version: acknowledged_version.clone(),
+                    resource: resource.clone(),
+                    expected: expected.clone(),
+                    found: found.clone(),
+                    detected_at: *detected_at,
+                    at: *at,
+                })])
+            }
             C::ReleaseCharge { at } => {
                 if self.charge_released {
                     return Err(EncounterError::ChargeAlreadyReleased);
@@ -1241,6 +1373,7 @@ impl Aggregate for Encounter {
                         ehr_resource_id: None,
                         ehr_version: None,
                         last_error: None,
+                        drift: Vec::new(),
                     }),
                 }
             }
@@ -1255,6 +1388,8 @@ impl Aggregate for Encounter {
                     w.ehr_resource_id = Some(e.ehr_resource_id.clone());
                     w.ehr_version = Some(e.ehr_version.clone());
                     w.last_error = None;
+                    // A successful (re-)write resolves every drift found before it.
+                    w.drift.clear();
                 }
             }
             E::WriteBackFailed(e) => {
@@ -1266,6 +1401,21 @@ impl Aggregate for Encounter {
                     w.state = WriteBackState::Failed;
                     w.attempts = e.attempt;
                     w.last_error = Some(e.message.clone());
+                }
+            }
+            E::EhrDriftDetected(e) => {
+                if let Some(w) = self
+                    .write_backs
+                    .iter_mut()
+                    .find(|w| w.artifact == e.artifact)
+                {
+                    w.drift.push(OpenDrift {
+                        kind: e.kind,
+                        resource: e.resource.clone(),
+                        expected: e.expected.clone(),
+                        found: e.found.clone(),
+                        detected_at: e.detected_at,
+                    });
                 }
             }
             E::ChargeReleased(_) => self.charge_released = true,

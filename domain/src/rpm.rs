@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::aggregate::Aggregate;
+use crate::patient::IdentityStatus;
 
 /// A vital sign the platform accepts, with its LOINC code and the UCUM units allowed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -95,6 +96,21 @@ pub struct Threshold {
     pub high: Option<f64>,
 }
 
+/// Where the EHR keeps one reading's Observation (`Observation/<id>`, version).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ObservationAck {
+    pub ehr_resource_id: String,
+    pub ehr_version: String,
+}
+
+/// Write-back state of one readings batch (its Observations in the EHR).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ObservationWriteBack {
+    Acknowledged { observations: Vec<ObservationAck> },
+    Failed { attempts: u32, retryable: bool },
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum RpmCommand {
@@ -117,6 +133,22 @@ pub enum RpmCommand {
         clinician_id: String,
         minutes: u32,
         interactive_communication: bool,
+        at: DateTime<Utc>,
+    },
+    /// The EHR connector wrote a batch's Observations (one per reading, in reading
+    /// order). The connector passes the patient's identity status, so the decision stays
+    /// pure while enforcing "nothing reaches a chart under review" (as for encounters).
+    RecordObservationsWrittenBack {
+        batch_id: Uuid,
+        patient_identity: IdentityStatus,
+        observations: Vec<ObservationAck>,
+        at: DateTime<Utc>,
+    },
+    RecordObservationWriteBackFailed {
+        batch_id: Uuid,
+        status: Option<u16>,
+        message: String,
+        retryable: bool,
         at: DateTime<Utc>,
     },
 }
@@ -150,6 +182,20 @@ pub enum RpmEvent {
         interactive_communication: bool,
         at: DateTime<Utc>,
     },
+    /// Every reading of the batch is in the EHR as an Observation.
+    ObservationsWrittenBack {
+        batch_id: Uuid,
+        observations: Vec<ObservationAck>,
+        at: DateTime<Utc>,
+    },
+    ObservationWriteBackFailed {
+        batch_id: Uuid,
+        status: Option<u16>,
+        message: String,
+        retryable: bool,
+        attempt: u32,
+        at: DateTime<Utc>,
+    },
 }
 
 impl RpmEvent {
@@ -159,6 +205,8 @@ impl RpmEvent {
             RpmEvent::ReadingsRecorded { .. } => "ReadingsRecorded",
             RpmEvent::ThresholdBreached { .. } => "ThresholdBreached",
             RpmEvent::ManagementTimeLogged { .. } => "ManagementTimeLogged",
+            RpmEvent::ObservationsWrittenBack { .. } => "ObservationsWrittenBack",
+            RpmEvent::ObservationWriteBackFailed { .. } => "ObservationWriteBackFailed",
         }
     }
 
@@ -167,7 +215,9 @@ impl RpmEvent {
             RpmEvent::Enrolled { at, .. }
             | RpmEvent::ReadingsRecorded { at, .. }
             | RpmEvent::ThresholdBreached { at, .. }
-            | RpmEvent::ManagementTimeLogged { at, .. } => *at,
+            | RpmEvent::ManagementTimeLogged { at, .. }
+            | RpmEvent::ObservationsWrittenBack { at, .. }
+            | RpmEvent::ObservationWriteBackFailed { at, .. } => *at,
         }
     }
 
@@ -185,7 +235,9 @@ impl RpmCommand {
         match self {
             RpmCommand::Enroll { at, .. }
             | RpmCommand::RecordReadings { at, .. }
-            | RpmCommand::LogManagementTime { at, .. } => *at,
+            | RpmCommand::LogManagementTime { at, .. }
+            | RpmCommand::RecordObservationsWrittenBack { at, .. }
+            | RpmCommand::RecordObservationWriteBackFailed { at, .. } => *at,
         }
     }
 }
@@ -232,6 +284,16 @@ pub enum RpmError {
         at: DateTime<Utc>,
         last: DateTime<Utc>,
     },
+    #[error("no readings batch {0} was recorded on this enrolment")]
+    UnknownBatch(Uuid),
+    #[error("batch {batch_id} holds {expected} readings, but {got} Observations were acknowledged")]
+    ObservationCountMismatch {
+        batch_id: Uuid,
+        expected: usize,
+        got: usize,
+    },
+    #[error("the patient's identity is {0:?}; nothing is written to a chart until it is resolved")]
+    IdentityNotResolved(IdentityStatus),
 }
 
 /// Largest batch accepted in one command: bounded so one event stays under the store's
@@ -247,11 +309,46 @@ pub struct RpmEnrollment {
     pub time_zone: Option<String>,
     pub thresholds: Vec<Threshold>,
     pub batches: Vec<Uuid>,
+    /// Readings per batch, in the order of `batches`.
+    #[serde(default)]
+    pub batch_sizes: Vec<usize>,
+    /// Write-back state of each batch whose Observations the connector handled.
+    #[serde(default)]
+    pub observation_write_backs: Vec<(Uuid, ObservationWriteBack)>,
     pub readings: u64,
     pub breaches: u64,
     pub management_minutes: u64,
     pub last_event_at: Option<DateTime<Utc>>,
     pub version: u64,
+}
+
+impl RpmEnrollment {
+    /// Readings in a recorded batch.
+    fn batch_size(&self, batch_id: &Uuid) -> Result<usize, RpmError> {
+        self.batches
+            .iter()
+            .position(|b| b == batch_id)
+            .map(|index| self.batch_sizes.get(index).copied().unwrap_or_default())
+            .ok_or(RpmError::UnknownBatch(*batch_id))
+    }
+
+    pub fn observation_write_back(&self, batch_id: &Uuid) -> Option<&ObservationWriteBack> {
+        self.observation_write_backs
+            .iter()
+            .find(|(b, _)| b == batch_id)
+            .map(|(_, state)| state)
+    }
+
+    fn set_observation_write_back(&mut self, batch_id: Uuid, state: ObservationWriteBack) {
+        match self
+            .observation_write_backs
+            .iter_mut()
+            .find(|(b, _)| *b == batch_id)
+        {
+            Some((_, existing)) => *existing = state,
+            None => self.observation_write_backs.push((batch_id, state)),
+        }
+    }
 }
 
 fn breach(threshold: &Threshold, value: f64) -> bool {
@@ -390,6 +487,67 @@ impl Aggregate for RpmEnrollment {
                 }
                 Ok(events)
             }
+            RpmCommand::RecordObservationsWrittenBack {
+                batch_id,
+                patient_identity,
+                observations,
+                at,
+            } => {
+                if !patient_identity.allows_chart_writes() {
+                    return Err(RpmError::IdentityNotResolved(*patient_identity));
+                }
+                let expected = self.batch_size(batch_id)?;
+                if observations.len() != expected {
+                    return Err(RpmError::ObservationCountMismatch {
+                        batch_id: *batch_id,
+                        expected,
+                        got: observations.len(),
+                    });
+                }
+                if observations
+                    .iter()
+                    .any(|o| o.ehr_resource_id.trim().is_empty())
+                {
+                    return Err(RpmError::EmptyField("ehr_resource_id"));
+                }
+                // The same acknowledgement again (a repeated job): nothing new.
+                if let Some(ObservationWriteBack::Acknowledged {
+                    observations: known,
+                }) = self.observation_write_back(batch_id)
+                    && known == observations
+                {
+                    return Ok(vec![]);
+                }
+                Ok(vec![RpmEvent::ObservationsWrittenBack {
+                    batch_id: *batch_id,
+                    observations: observations.clone(),
+                    at: *at,
+                }])
+            }
+            RpmCommand::RecordObservationWriteBackFailed {
+                batch_id,
+                status,
+                message,
+                retryable,
+                at,
+            } => {
+                self.batch_size(batch_id)?;
+                if message.trim().is_empty() {
+                    return Err(RpmError::EmptyField("message"));
+                }
+                let attempt = match self.observation_write_back(batch_id) {
+                    Some(ObservationWriteBack::Failed { attempts, .. }) => attempts + 1,
+                    _ => 1,
+                };
+                Ok(vec![RpmEvent::ObservationWriteBackFailed {
+                    batch_id: *batch_id,
+                    status: *status,
+                    message: message.clone(),
+                    retryable: *retryable,
+                    attempt,
+                    at: *at,
+                }])
+            }
             RpmCommand::LogManagementTime {
                 clinician_id,
                 minutes,
@@ -436,8 +594,31 @@ impl Aggregate for RpmEnrollment {
                 batch_id, readings, ..
             } => {
                 self.batches.push(*batch_id);
+                self.batch_sizes.push(readings.len());
                 self.readings += readings.len() as u64;
             }
+            RpmEvent::ObservationsWrittenBack {
+                batch_id,
+                observations,
+                ..
+            } => self.set_observation_write_back(
+                *batch_id,
+                ObservationWriteBack::Acknowledged {
+                    observations: observations.clone(),
+                },
+            ),
+            RpmEvent::ObservationWriteBackFailed {
+                batch_id,
+                retryable,
+                attempt,
+                ..
+            } => self.set_observation_write_back(
+                *batch_id,
+                ObservationWriteBack::Failed {
+                    attempts: *attempt,
+                    retryable: *retryable,
+                },
+            ),
             RpmEvent::ThresholdBreached { .. } => self.breaches += 1,
             RpmEvent::ManagementTimeLogged { minutes, .. } => {
                 self.management_minutes += u64::from(*minutes)
@@ -602,6 +783,111 @@ mod tests {
                 at: t(3),
             })
             .then_err(RpmError::NotEnrolled);
+    }
+
+    fn ack(n: u32) -> ObservationAck {
+        ObservationAck {
+            ehr_resource_id: format!("Observation/{n}"),
+            ehr_version: "1".into(),
+        }
+    }
+
+    #[test]
+    fn observation_write_back_is_gated_on_identity_and_tracks_outcomes() {
+        let batch = Uuid::from_u128(9);
+        let recorded = RpmEvent::ReadingsRecorded {
+            batch_id: batch,
+            readings: vec![systolic(120.0), systolic(130.0)],
+            at: t(3),
+        };
+        let written_at = |identity, observations: Vec<ObservationAck>, at| {
+            RpmCommand::RecordObservationsWrittenBack {
+                batch_id: batch,
+                patient_identity: identity,
+                observations,
+                at,
+            }
+        };
+        let written = |identity, observations| written_at(identity, observations, t(3));
+        let acknowledged = RpmEvent::ObservationsWrittenBack {
+            batch_id: batch,
+            observations: vec![ack(1), ack(2)],
+            at: t(3),
+        };
+        let state = given::<RpmEnrollment>(vec![enrolled(), recorded.clone()])
+            .when(written(IdentityStatus::Linked, vec![ack(1), ack(2)]))
+            .then(vec![acknowledged.clone()]);
+        assert_eq!(
+            state.observation_write_back(&batch),
+            Some(&ObservationWriteBack::Acknowledged {
+                observations: vec![ack(1), ack(2)]
+            })
+        );
+        // Nothing reaches a chart under review.
+        given::<RpmEnrollment>(vec![enrolled(), recorded.clone()])
+            .when(written(IdentityStatus::UnderReview, vec![ack(1), ack(2)]))
+            .then_err(RpmError::IdentityNotResolved(IdentityStatus::UnderReview));
+        // One Observation per reading.
+        given::<RpmEnrollment>(vec![enrolled(), recorded.clone()])
+            .when(written(IdentityStatus::ConfirmedNew, vec![ack(1)]))
+            .then_err(RpmError::ObservationCountMismatch {
+                batch_id: batch,
+                expected: 2,
+                got: 1,
+            });
+        given::<RpmEnrollment>(vec![enrolled()])
+            .when(written(IdentityStatus::Linked, vec![ack(1)]))
+            .then_err(RpmError::UnknownBatch(batch));
+        // The same acknowledgement again records nothing.
+        given::<RpmEnrollment>(vec![enrolled(), recorded.clone(), acknowledged])
+            .when(written(IdentityStatus::Linked, vec![ack(1), ack(2)]))
+            .then(vec![]);
+        // Failures count attempts; a later success replaces the failure.
+        let failed_with = |message: &str, retryable| RpmCommand::RecordObservationWriteBackFailed {
+            batch_id: batch,
+            status: Some(503),
+            message: message.into(),
+            retryable,
+            at: t(4),
+        };
+        let failed = |retryable| failed_with("EHR unavailable", retryable);
+        let first_failure = RpmEvent::ObservationWriteBackFailed {
+            batch_id: batch,
+            status: Some(503),
+            message: "EHR unavailable".into(),
+            retryable: true,
+            attempt: 1,
+            at: t(4),
+        };
+        given::<RpmEnrollment>(vec![enrolled(), recorded.clone()])
+            .when(failed(true))
+            .then(vec![first_failure.clone()]);
+        given::<RpmEnrollment>(vec![enrolled(), recorded.clone(), first_failure.clone()])
+            .when(failed(false))
+            .then_ok(|events| {
+                assert!(matches!(
+                    &events[0],
+                    RpmEvent::ObservationWriteBackFailed {
+                        attempt: 2,
+                        retryable: false,
+                        ..
+                    }
+                ))
+            });
+        let healed = given::<RpmEnrollment>(vec![enrolled(), recorded.clone(), first_failure])
+            .when(written_at(
+                IdentityStatus::Linked,
+                vec![ack(1), ack(2)],
+                t(4),
+            ))
+            .then_ok(|events| assert_eq!(events.len(), 1));
+        assert!(matches!(
+            healed.observation_write_back(&batch),
+            Some(ObservationWriteBack::Acknowledged { .. })
+        ));
+        given::<RpmEnrollment>(vec![enrolled(), recorded])
+            .when(failed_with(" ", true))
+            .then_err(RpmError::EmptyField("message"));
     }
 
     #[test]

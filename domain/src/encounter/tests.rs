@@ -581,6 +581,111 @@ fn write_back_is_gated_on_identity_and_tracks_outcomes() {
 }
 
 #[test]
+fn ehr_drift_is_recorded_once_against_the_current_acknowledgement_and_a_rewrite_clears_it() {
+    let artifact = WriteBackArtifact::DocumentReference;
+    let mut history = through_signed();
+    history.push(EncounterEvent::WriteBackRequested(WriteBackRequested {
+        artifact: artifact.clone(),
+        at: t(92),
+    }));
+    history.push(EncounterEvent::WriteBackSucceeded(WriteBackSucceeded {
+        artifact: artifact.clone(),
+        ehr_resource_id: "DocumentReference/abc".into(),
+        ehr_version: "2".into(),
+        at: t(92),
+    }));
+    let detect_at = |version: &str, found: &str, at| EncounterCommand::DetectEhrDrift {
+        artifact: WriteBackArtifact::DocumentReference,
+        acknowledged_resource_id: "DocumentReference/abc".into(),
+        acknowledged_version: version.into(),
+        kind: DriftKind::StatusChanged,
+        resource: "DocumentReference/abc".into(),
+        expected: "docStatus final".into(),
+        found: found.into(),
+        detected_at: t(500),
+        at,
+    };
+    let detect = |version: &str, found: &str| detect_at(version, found, t(92));
+    let drift = EncounterEvent::EhrDriftDetected(EhrDriftDetected {
+        artifact: artifact.clone(),
+        kind: DriftKind::StatusChanged,
+        ehr_resource_id: "DocumentReference/abc".into(),
+        ehr_version: "2".into(),
+        resource: "DocumentReference/abc".into(),
+        expected: "docStatus final".into(),
+        found: "docStatus preliminary".into(),
+        detected_at: t(500),
+        at: t(92),
+    });
+    // Accepted against the current acknowledgement.
+    let state = given::<Encounter>(history.clone())
+        .when(detect("2", "docStatus preliminary"))
+        .then(vec![drift.clone()]);
+    assert_eq!(state.write_backs[0].drift.len(), 1);
+    assert_eq!(state.write_backs[0].drift[0].kind, DriftKind::StatusChanged);
+    // The same finding again: nothing new (re-running the job on an unchanged EHR).
+    let mut drifted = history.clone();
+    drifted.push(drift);
+    given::<Encounter>(drifted.clone())
+        .when(detect("2", "docStatus preliminary"))
+        .then(vec![]);
+    // A different finding on the same acknowledgement is new.
+    given::<Encounter>(drifted.clone())
+        .when(detect("2", "docStatus entered-in-error"))
+        .then_ok(|events| assert_eq!(events.len(), 1));
+    // Against an older acknowledgement (the read raced a newer write): refused.
+    given::<Encounter>(history.clone())
+        .when(detect("1", "docStatus preliminary"))
+        .then_err(EncounterError::DriftAgainstStaleAcknowledgement {
+            artifact: artifact.clone(),
+            resource_id: "DocumentReference/abc".into(),
+            version: "1".into(),
+        });
+    // While a new write is in flight (requested, no outcome yet): refused too.
+    let mut in_flight = history.clone();
+    in_flight.push(EncounterEvent::WriteBackRequested(WriteBackRequested {
+        artifact: artifact.clone(),
+        at: t(93),
+    }));
+    given::<Encounter>(in_flight)
+        .when(detect_at("2", "docStatus preliminary", t(93)))
+        .then_err(EncounterError::DriftAgainstStaleAcknowledgement {
+            artifact: artifact.clone(),
+            resource_id: "DocumentReference/abc".into(),
+            version: "2".into(),
+        });
+    // Never acknowledged: nothing to drift from.
+    given::<Encounter>(through_signed())
+        .when(detect("2", "docStatus preliminary"))
+        .then_err(EncounterError::WriteBackNotRequested(artifact.clone()));
+    // Expected = found is no drift.
+    given::<Encounter>(history.clone())
+        .when(detect("2", "docStatus final"))
+        .then_err(EncounterError::NoDrift("docStatus final".into()));
+    // Stream time never goes backwards.
+    given::<Encounter>(history)
+        .when(detect_at("2", "docStatus preliminary", t(91)))
+        .then_err(EncounterError::TimeWentBackwards {
+            at: t(91),
+            last: t(92),
+        });
+    // A successful re-write resolves the drift; the same finding later is recorded anew.
+    drifted.push(EncounterEvent::WriteBackRequested(WriteBackRequested {
+        artifact: artifact.clone(),
+        at: t(94),
+    }));
+    let rewritten = given::<Encounter>(drifted.clone())
+        .when(EncounterCommand::RecordWriteBackSucceeded {
+            artifact: artifact.clone(),
+            ehr_resource_id: "DocumentReference/abc".into(),
+            ehr_version: "3".into(),
+            at: t(94),
+        })
+        .then_ok(|_| {});
+    assert!(rewritten.write_backs[0].drift.is_empty());
+}
+
+#[test]
 fn charge_release_needs_billable_codes_once() {
     let mut history = through_signed();
     given::<Encounter>(history.clone())
@@ -662,7 +767,7 @@ struct CommandSpec {
 fn arb_command() -> impl Strategy<Value = CommandSpec> {
     (
         -2i64..30,
-        0u8..18,
+        0u8..19,
         arb_modality(),
         arb_identity(),
         arb_artifact(),
@@ -778,6 +883,21 @@ fn build_command(spec: &CommandSpec, at: DateTime<Utc>) -> EncounterCommand {
             retryable: flag,
             at,
         },
+        17 => EncounterCommand::DetectEhrDrift {
+            artifact,
+            acknowledged_resource_id: "X/1".into(),
+            acknowledged_version: "1".into(),
+            kind: if flag {
+                DriftKind::Missing
+            } else {
+                DriftKind::StatusChanged
+            },
+            resource: "X/1".into(),
+            expected: "status booked".into(),
+            found: if flag { "absent" } else { "status cancelled" }.into(),
+            detected_at: at,
+            at,
+        },
         _ => EncounterCommand::ReleaseCharge { at },
     }
 }
@@ -834,7 +954,8 @@ fn check_invariants(state: &Encounter, events: &[EncounterEvent]) -> Result<(), 
     {
         for later in &events[closed + 1..] {
             prop_assert!(
-                later.event_type().starts_with("WriteBack"),
+                later.event_type().starts_with("WriteBack")
+                    || matches!(later, EncounterEvent::EhrDriftDetected(_)),
                 "{} after cancellation/no-show",
                 later.event_type()
             );
@@ -851,6 +972,32 @@ fn check_invariants(state: &Encounter, events: &[EncounterEvent]) -> Result<(), 
         prop_assert!(events[..index].iter().any(
             |e| matches!(e, EncounterEvent::WriteBackRequested(r) if &r.artifact == artifact)
         ));
+    }
+    // Drift is only ever recorded against the artifact's latest outcome, a success.
+    for (index, event) in events.iter().enumerate() {
+        let EncounterEvent::EhrDriftDetected(drift) = event else {
+            continue;
+        };
+        let last_outcome = events[..index].iter().rev().find(|e| match e {
+            EncounterEvent::WriteBackRequested(r) => r.artifact == drift.artifact,
+            EncounterEvent::WriteBackSucceeded(s) => s.artifact == drift.artifact,
+            EncounterEvent::WriteBackFailed(f) => f.artifact == drift.artifact,
+            _ => false,
+        });
+        prop_assert!(
+            matches!(last_outcome, Some(EncounterEvent::WriteBackSucceeded(s)) if s.ehr_version == drift.ehr_version),
+            "drift not against the current acknowledgement"
+        );
+    }
+    // Open drift in the state is exactly what was detected since the last success.
+    for status in &state.write_backs {
+        let since_success = events
+            .iter()
+            .rev()
+            .take_while(|e| !matches!(e, EncounterEvent::WriteBackSucceeded(s) if s.artifact == status.artifact))
+            .filter(|e| matches!(e, EncounterEvent::EhrDriftDetected(d) if d.artifact == status.artifact))
+            .count();
+        prop_assert_eq!(status.drift.len(), since_success);
     }
     prop_assert_eq!(state.version as usize, events.len());
     Ok(())

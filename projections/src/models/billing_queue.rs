@@ -549,7 +549,10 @@ impl BillingQueue {
                 );
                 evaluate(row, *at);
             }
-            RpmEvent::ThresholdBreached { .. } | RpmEvent::Enrolled { .. } => {}
+            RpmEvent::ThresholdBreached { .. }
+            | RpmEvent::Enrolled { .. }
+            | RpmEvent::ObservationsWrittenBack { .. }
+            | RpmEvent::ObservationWriteBackFailed { .. } => {}
         }
         Ok(())
     }

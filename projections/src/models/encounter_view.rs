@@ -263,7 +263,10 @@ impl EncounterView {
                 }
             }
             E::FollowUpTaskCreated(_) => row.follow_up_tasks += 1,
-            E::WriteBackRequested(_) | E::WriteBackSucceeded(_) | E::WriteBackFailed(_) => {}
+            E::WriteBackRequested(_)
+            | E::WriteBackSucceeded(_)
+            | E::WriteBackFailed(_)
+            | E::EhrDriftDetected(_) => {}
             E::ChargeReleased(e) => {
                 row.charge_released = true;
                 row.codes = Some(format_codes(&e.codes));

@@ -423,7 +423,9 @@ impl RpmTimeseries {
                     }
                 }
             }
-            RpmEvent::Enrolled { .. } => {}
+            RpmEvent::Enrolled { .. }
+            | RpmEvent::ObservationsWrittenBack { .. }
+            | RpmEvent::ObservationWriteBackFailed { .. } => {}
         }
         Ok(())
     }

@@ -213,6 +213,7 @@ pub fn artifact_made_due(event: &EncounterEvent) -> Option<WriteBackArtifact> {
         E::WriteBackRequested(_)
         | E::WriteBackSucceeded(_)
         | E::WriteBackFailed(_)
+        | E::EhrDriftDetected(_)
         | E::ChargeReleased(_) => None,
     }
 }
