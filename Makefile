@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run test services lint fmt clippy layering unit schemas bench deps
+.PHONY: run test services lint fmt clippy layering unit schemas bench soak deps
 
 ## Builds and starts the platform on the embedded default (SQLite + in-process bus).
 run:
@@ -14,6 +14,7 @@ test: services fmt clippy layering unit
 
 services:
 	bash scripts/ensure-services.sh
+	bash scripts/ensure-browser.sh
 
 fmt:
 	$(CARGO) fmt --all -- --check
@@ -36,6 +37,12 @@ schemas:
 bench: services
 	bash scripts/bench.sh
 
+## Load and fault suite (not part of `make test`): the distributed deployment under load
+## and chaos for SOAK_SECS seconds (default 300), then the invariants. See scripts/soak.sh.
+soak: services
+	bash scripts/soak.sh
+
 ## Installs the system packages the project needs (Debian; as root).
 deps:
 	bash scripts/ensure-services.sh
+	bash scripts/ensure-browser.sh

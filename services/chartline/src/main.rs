@@ -14,6 +14,7 @@ mod ehr_cmd;
 mod identity_cmd;
 mod projections_cmd;
 mod send_cmd;
+mod soak_cmd;
 mod token_cmd;
 
 use chartline::serve_cmd;
@@ -78,6 +79,9 @@ enum Command {
     /// Benchmarks (release mode; see `make bench`).
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
+    /// The load and fault suite (`make soak`): the distributed deployment under load and
+    /// chaos, then the invariants. Exit 1 when any fails.
+    Soak(soak_cmd::SoakArgs),
     /// EHR write-back: `fhir export|retry`, and `sandbox-ehr` (a stand-in FHIR server).
     #[command(flatten)]
     Ehr(ehr_cmd::EhrCommand),
@@ -134,6 +138,7 @@ fn main() -> std::process::ExitCode {
         Command::Ehr(command) => block_on(ehr_cmd::run(command)),
         Command::Serve { store, args } => block_on(serve_cmd::run(args, store.url)),
         Command::Send(args) => block_on(send_cmd::run(args)),
+        Command::Soak(args) => block_on(soak_cmd::run(args)),
         Command::Token(command) => token_cmd::run(command),
         Command::Demo { store, args } => block_on(demo_cmd::run(args, store.url)),
         Command::Billing(command) => billing_cmd::run(command),
