@@ -226,6 +226,9 @@ pub enum WriteBackState {
     Requested,
     Succeeded,
     Failed,
+    /// The compliance map refused to send PHI to the EHR (no BAA in effect): nothing
+    /// was sent; a person must fix coverage, then replay.
+    Blocked,
 }
 
 // ----------------------------------------------------------------------------------
@@ -334,6 +337,17 @@ pub enum EncounterCommand {
         detected_at: DateTime<Utc>,
         at: DateTime<Utc>,
     },
+    /// Records that the connector refused to send an artifact because the EHR is not
+    /// covered for PHI at `checked_at` (compliance map: no BAA in effect, undeclared, …).
+    /// The same refusal while still blocked records nothing (a re-run is idempotent).
+    RecordPhiTransferBlocked {
+        artifact: WriteBackArtifact,
+        /// The compliance-map component id of the EHR.
+        component: String,
+        reason: String,
+        checked_at: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
     ReleaseCharge {
         at: DateTime<Utc>,
     },
@@ -376,6 +390,7 @@ impl EncounterCommand {
             | EncounterCommand::RecordWriteBackSucceeded { at, .. }
             | EncounterCommand::RecordWriteBackFailed { at, .. }
             | EncounterCommand::DetectEhrDrift { at, .. }
+            | EncounterCommand::RecordPhiTransferBlocked { at, .. }
             | EncounterCommand::ReleaseCharge { at } => *at,
         }
     }
@@ -407,6 +422,7 @@ pub enum EncounterEvent {
     WriteBackSucceeded(WriteBackSucceeded),
     WriteBackFailed(WriteBackFailed),
     EhrDriftDetected(EhrDriftDetected),
+    PhiTransferBlocked(PhiTransferBlocked),
     ChargeReleased(ChargeReleased),
 }
 
@@ -546,6 +562,17 @@ pub struct WriteBackFailed {
     pub at: DateTime<Utc>,
 }
 
+/// PHI for an artifact was not sent: the EHR component was not covered (compliance map)
+/// at `checked_at`. The write-back state is `Blocked` until a later attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PhiTransferBlocked {
+    pub artifact: WriteBackArtifact,
+    pub component: String,
+    pub reason: String,
+    pub checked_at: DateTime<Utc>,
+    pub at: DateTime<Utc>,
+}
+
 /// The EHR differs from an acknowledged write-back. Open until the artifact's next
 /// `WriteBackSucceeded` (a re-write resolves it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -593,6 +620,7 @@ impl EncounterEvent {
             EncounterEvent::WriteBackSucceeded(_) => "WriteBackSucceeded",
             EncounterEvent::WriteBackFailed(_) => "WriteBackFailed",
             EncounterEvent::EhrDriftDetected(_) => "EhrDriftDetected",
+            EncounterEvent::PhiTransferBlocked(_) => "PhiTransferBlocked",
             EncounterEvent::ChargeReleased(_) => "ChargeReleased",
         }
     }
@@ -617,6 +645,7 @@ impl EncounterEvent {
             EncounterEvent::WriteBackSucceeded(e) => e.at,
             EncounterEvent::WriteBackFailed(e) => e.at,
             EncounterEvent::EhrDriftDetected(e) => e.at,
+            EncounterEvent::PhiTransferBlocked(e) => e.at,
             EncounterEvent::ChargeReleased(e) => e.at,
         }
     }
@@ -805,6 +834,33 @@ impl Encounter {
 
     fn write_back(&self, artifact: &WriteBackArtifact) -> Option<&WriteBackStatus> {
         self.write_backs.iter().find(|w| &w.artifact == artifact)
+    }
+
+    /// The artifact's write-back unless it is blocked (a blocked artifact was never
+    /// requested since, so no outcome can be recorded for it).
+    fn requested_write_back(&self, artifact: &WriteBackArtifact) -> Option<&WriteBackStatus> {
+        self.write_back(artifact)
+            .filter(|w| w.state != WriteBackState::Blocked)
+    }
+
+    /// The fact an artifact is written from exists (a write-back of it is meaningful).
+    fn require_artifact_source(&self, artifact: &WriteBackArtifact) -> Result<(), EncounterError> {
+        match artifact {
+            WriteBackArtifact::Appointment => Ok(()),
+            WriteBackArtifact::Encounter if self.consultation_started_at.is_none() => {
+                Err(EncounterError::ConsultationNotStarted)
+            }
+            WriteBackArtifact::DocumentReference if self.note_status == NoteStatus::None => {
+                Err(EncounterError::NoNote)
+            }
+            WriteBackArtifact::Task { task_id }
+                if !self.follow_up_tasks.iter().any(|t| t.task_id == *task_id) =>
+            {
+                Err(EncounterError::UnknownTask(*task_id))
+            }
+            WriteBackArtifact::ChargeItem if self.coding.is_none() => Err(EncounterError::NoCodes),
+            _ => Ok(()),
+        }
     }
 
     fn require_scheduled(&self) -> Result<&Scheduled, EncounterError> {
@@ -1137,29 +1193,7 @@ impl Aggregate for Encounter {
                 if !patient_identity.allows_chart_writes() {
                     return Err(EncounterError::IdentityNotResolved(*patient_identity));
                 }
-                match artifact {
-                    WriteBackArtifact::Appointment => {}
-                    WriteBackArtifact::Encounter => {
-                        if self.consultation_started_at.is_none() {
-                            return Err(EncounterError::ConsultationNotStarted);
-                        }
-                    }
-                    WriteBackArtifact::DocumentReference => {
-                        if self.note_status == NoteStatus::None {
-                            return Err(EncounterError::NoNote);
-                        }
-                    }
-                    WriteBackArtifact::Task { task_id } => {
-                        if !self.follow_up_tasks.iter().any(|t| t.task_id == *task_id) {
-                            return Err(EncounterError::UnknownTask(*task_id));
-                        }
-                    }
-                    WriteBackArtifact::ChargeItem => {
-                        if self.coding.is_none() {
-                            return Err(EncounterError::NoCodes);
-                        }
-                    }
-                }
+                self.require_artifact_source(artifact)?;
                 Ok(vec![E::WriteBackRequested(WriteBackRequested {
                     artifact: artifact.clone(),
                     at: *at,
@@ -1171,7 +1205,7 @@ impl Aggregate for Encounter {
                 ehr_version,
                 at,
             } => {
-                if self.write_back(artifact).is_none() {
+                if self.requested_write_back(artifact).is_none() {
                     return Err(EncounterError::WriteBackNotRequested(artifact.clone()));
                 }
                 non_empty(ehr_resource_id, "ehr_resource_id")?;
@@ -1190,7 +1224,7 @@ impl Aggregate for Encounter {
                 at,
             } => {
                 let current = self
-                    .write_back(artifact)
+                    .requested_write_back(artifact)
                     .ok_or_else(|| EncounterError::WriteBackNotRequested(artifact.clone()))?;
                 non_empty(message, "message")?;
                 Ok(vec![E::WriteBackFailed(WriteBackFailed {
@@ -1249,6 +1283,32 @@ impl Aggregate for Encounter {
                     expected: expected.clone(),
                     found: found.clone(),
                     detected_at: *detected_at,
+                    at: *at,
+                })])
+            }
+            C::RecordPhiTransferBlocked {
+                artifact,
+                component,
+                reason,
+                checked_at,
+                at,
+            } => {
+                self.require_artifact_source(artifact)?;
+                non_empty(component, "component")?;
+                non_empty(reason, "reason")?;
+                // Still blocked for the same reason: already recorded, nothing new.
+                if self.write_back(artifact).is_some_and(|w| {
+                    w.state == WriteBackState::Blocked
+                        && w.last_error.as_deref()
+                            == Some(blocked_message(component, reason).as_str())
+                }) {
+                    return Ok(vec![]);
+                }
+                Ok(vec![E::PhiTransferBlocked(PhiTransferBlocked {
+                    artifact: artifact.clone(),
+                    component: component.clone(),
+                    reason: reason.clone(),
+                    checked_at: *checked_at,
                     at: *at,
                 })])
             }
@@ -1418,9 +1478,36 @@ impl Aggregate for Encounter {
                     });
                 }
             }
+            E::PhiTransferBlocked(e) => {
+                let message = blocked_message(&e.component, &e.reason);
+                match self
+                    .write_backs
+                    .iter_mut()
+                    .find(|w| w.artifact == e.artifact)
+                {
+                    Some(w) => {
+                        w.state = WriteBackState::Blocked;
+                        w.last_error = Some(message);
+                    }
+                    None => self.write_backs.push(WriteBackStatus {
+                        artifact: e.artifact.clone(),
+                        state: WriteBackState::Blocked,
+                        attempts: 0,
+                        ehr_resource_id: None,
+                        ehr_version: None,
+                        last_error: Some(message),
+                        drift: Vec::new(),
+                    }),
+                }
+            }
             E::ChargeReleased(_) => self.charge_released = true,
         }
     }
+}
+
+/// The write-back state's `last_error` while blocked.
+fn blocked_message(component: &str, reason: &str) -> String {
+    format!("PHI transfer to {component} blocked: {reason}")
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 
 pub mod aggregate;
 pub mod billing;
+pub mod compliance;
 pub mod encounter;
 pub mod identity;
 pub mod patient;

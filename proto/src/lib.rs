@@ -12,6 +12,7 @@
 pub mod billing_policy;
 pub mod codec;
 pub mod commands;
+pub mod compliance_map;
 pub mod envelope;
 pub mod hash;
 pub mod ids;

@@ -581,6 +581,74 @@ fn write_back_is_gated_on_identity_and_tracks_outcomes() {
 }
 
 #[test]
+fn phi_transfer_blocked_is_recorded_once_and_a_later_write_back_moves_on() {
+    let block = |reason: &str, at| EncounterCommand::RecordPhiTransferBlocked {
+        artifact: WriteBackArtifact::DocumentReference,
+        component: "ehr-a".into(),
+        reason: reason.into(),
+        checked_at: t(200),
+        at,
+    };
+    let blocked = PhiTransferBlocked {
+        artifact: WriteBackArtifact::DocumentReference,
+        component: "ehr-a".into(),
+        reason: "its BAA expired after 2026-01-31".into(),
+        checked_at: t(200),
+        at: t(92),
+    };
+    let state = given::<Encounter>(through_signed())
+        .when(block("its BAA expired after 2026-01-31", t(92)))
+        .then(vec![EncounterEvent::PhiTransferBlocked(blocked.clone())]);
+    let status = &state.write_backs[0];
+    assert_eq!(status.state, WriteBackState::Blocked);
+    assert_eq!(status.attempts, 0);
+    assert_eq!(
+        status.last_error.as_deref(),
+        Some("PHI transfer to ehr-a blocked: its BAA expired after 2026-01-31")
+    );
+
+    // The same refusal again (a re-run): nothing new. Another reason is new.
+    let mut history = through_signed();
+    history.push(EncounterEvent::PhiTransferBlocked(blocked));
+    given::<Encounter>(history.clone())
+        .when(block("its BAA expired after 2026-01-31", t(93)))
+        .then(vec![]);
+    given::<Encounter>(history.clone())
+        .when(block("no BAA covers it", t(93)))
+        .then_ok(|events| assert_eq!(events.len(), 1));
+
+    // Coverage fixed: the write-back proceeds and the state leaves Blocked.
+    let requested = given::<Encounter>(history)
+        .when(EncounterCommand::RequestWriteBack {
+            artifact: WriteBackArtifact::DocumentReference,
+            patient_identity: IdentityStatus::Linked,
+            at: t(94),
+        })
+        .then_ok(|_| {});
+    assert_eq!(requested.write_backs[0].state, WriteBackState::Requested);
+
+    // Rejections: nothing to write yet, empty component or reason, not scheduled.
+    given::<Encounter>(vec![scheduled(), checked_in(), started(), ended()])
+        .when(block("no BAA covers it", t(92)))
+        .then_err(EncounterError::NoNote);
+    given::<Encounter>(through_signed())
+        .when(block(" ", t(92)))
+        .then_err(EncounterError::EmptyField("reason"));
+    given::<Encounter>(through_signed())
+        .when(EncounterCommand::RecordPhiTransferBlocked {
+            artifact: WriteBackArtifact::Appointment,
+            component: "".into(),
+            reason: "no BAA covers it".into(),
+            checked_at: t(200),
+            at: t(92),
+        })
+        .then_err(EncounterError::EmptyField("component"));
+    given::<Encounter>(vec![])
+        .when(block("no BAA covers it", t(92)))
+        .then_err(EncounterError::NotScheduled);
+}
+
+#[test]
 fn ehr_drift_is_recorded_once_against_the_current_acknowledgement_and_a_rewrite_clears_it() {
     let artifact = WriteBackArtifact::DocumentReference;
     let mut history = through_signed();
@@ -767,7 +835,7 @@ struct CommandSpec {
 fn arb_command() -> impl Strategy<Value = CommandSpec> {
     (
         -2i64..30,
-        0u8..19,
+        0u8..20,
         arb_modality(),
         arb_identity(),
         arb_artifact(),
@@ -898,6 +966,18 @@ fn build_command(spec: &CommandSpec, at: DateTime<Utc>) -> EncounterCommand {
             detected_at: at,
             at,
         },
+        18 => EncounterCommand::RecordPhiTransferBlocked {
+            artifact,
+            component: "ehr-a".into(),
+            reason: if flag {
+                "its BAA expired after 2026-01-31"
+            } else {
+                "no BAA covers it"
+            }
+            .into(),
+            checked_at: at,
+            at,
+        },
         _ => EncounterCommand::ReleaseCharge { at },
     }
 }
@@ -955,7 +1035,10 @@ fn check_invariants(state: &Encounter, events: &[EncounterEvent]) -> Result<(), 
         for later in &events[closed + 1..] {
             prop_assert!(
                 later.event_type().starts_with("WriteBack")
-                    || matches!(later, EncounterEvent::EhrDriftDetected(_)),
+                    || matches!(
+                        later,
+                        EncounterEvent::EhrDriftDetected(_) | EncounterEvent::PhiTransferBlocked(_)
+                    ),
                 "{} after cancellation/no-show",
                 later.event_type()
             );
@@ -998,6 +1081,45 @@ fn check_invariants(state: &Encounter, events: &[EncounterEvent]) -> Result<(), 
             .filter(|e| matches!(e, EncounterEvent::EhrDriftDetected(d) if d.artifact == status.artifact))
             .count();
         prop_assert_eq!(status.drift.len(), since_success);
+    }
+    // A blocked artifact's state says so until a later write-back event; the same
+    // refusal is never recorded twice in a row.
+    for status in &state.write_backs {
+        let last = events.iter().rev().find(|e| match e {
+            EncounterEvent::WriteBackRequested(r) => r.artifact == status.artifact,
+            EncounterEvent::WriteBackSucceeded(s) => s.artifact == status.artifact,
+            EncounterEvent::WriteBackFailed(f) => f.artifact == status.artifact,
+            EncounterEvent::PhiTransferBlocked(b) => b.artifact == status.artifact,
+            _ => false,
+        });
+        prop_assert_eq!(
+            status.state == WriteBackState::Blocked,
+            matches!(last, Some(EncounterEvent::PhiTransferBlocked(_)))
+        );
+    }
+    let blocks: Vec<&PhiTransferBlocked> = events
+        .iter()
+        .filter_map(|e| match e {
+            EncounterEvent::PhiTransferBlocked(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    for (index, event) in events.iter().enumerate() {
+        let EncounterEvent::PhiTransferBlocked(blocked) = event else {
+            continue;
+        };
+        let previous = events[..index].iter().rev().find(|e| match e {
+            EncounterEvent::WriteBackRequested(r) => r.artifact == blocked.artifact,
+            EncounterEvent::WriteBackSucceeded(s) => s.artifact == blocked.artifact,
+            EncounterEvent::WriteBackFailed(f) => f.artifact == blocked.artifact,
+            EncounterEvent::PhiTransferBlocked(b) => b.artifact == blocked.artifact,
+            _ => false,
+        });
+        prop_assert!(
+            !matches!(previous, Some(EncounterEvent::PhiTransferBlocked(p)) if p.reason == blocked.reason && p.component == blocked.component),
+            "the same refusal recorded twice in a row ({} blocks)",
+            blocks.len()
+        );
     }
     prop_assert_eq!(state.version as usize, events.len());
     Ok(())

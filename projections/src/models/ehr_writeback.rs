@@ -5,7 +5,9 @@
 //! the connector yet), `sent` (WriteBackRequested), `acknowledged` (WriteBackSucceeded:
 //! EHR id + version), `failed` (WriteBackFailed, retryable, with attempts, last error
 //! and the next retry time), `dead` (not retryable, or [`MAX_ATTEMPTS`] reached: a human
-//! must act). Artifacts become due on: Scheduled → Appointment; ConsultationStarted →
+//! must act), `blocked` (PhiTransferBlocked: the compliance map refused to send PHI to
+//! the EHR — no BAA in effect; `last_error` says why; nothing was sent). Artifacts
+//! become due on: Scheduled → Appointment; ConsultationStarted →
 //! Encounter; NoteDrafted → DocumentReference; FollowUpTaskCreated → Task;
 //! a billable CodesAssigned/CodesRevised → ChargeItem.
 
@@ -180,6 +182,20 @@ impl EhrWriteBack {
                         row.state = "failed".into();
                         row.next_retry_at = Some(e.at + retry_delay(row.attempts));
                     }
+                }
+            }
+            E::PhiTransferBlocked(e) => {
+                // Nothing was sent: no attempt counted, no retry scheduled; a person
+                // must fix the BAA coverage (compliance map) and replay.
+                if let Some(row) = self.row(tx, event, &e.artifact, at).await? {
+                    row.state = "blocked".into();
+                    row.last_status = None;
+                    row.last_error = Some(format!(
+                        "PHI transfer to {} blocked: {}",
+                        e.component, e.reason
+                    ));
+                    row.next_retry_at = None;
+                    row.updated_at = e.at;
                 }
             }
             _ => {}

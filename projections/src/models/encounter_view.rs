@@ -266,7 +266,8 @@ impl EncounterView {
             E::WriteBackRequested(_)
             | E::WriteBackSucceeded(_)
             | E::WriteBackFailed(_)
-            | E::EhrDriftDetected(_) => {}
+            | E::EhrDriftDetected(_)
+            | E::PhiTransferBlocked(_) => {}
             E::ChargeReleased(e) => {
                 row.charge_released = true;
                 row.codes = Some(format_codes(&e.codes));

@@ -214,6 +214,7 @@ pub fn artifact_made_due(event: &EncounterEvent) -> Option<WriteBackArtifact> {
         | E::WriteBackSucceeded(_)
         | E::WriteBackFailed(_)
         | E::EhrDriftDetected(_)
+        | E::PhiTransferBlocked(_)
         | E::ChargeReleased(_) => None,
     }
 }
