@@ -10,8 +10,19 @@
 //! become due on: Scheduled → Appointment; ConsultationStarted →
 //! Encounter; NoteDrafted → DocumentReference; FollowUpTaskCreated → Task;
 //! a billable CodesAssigned/CodesRevised → ChargeItem.
+//!
+//! Drift: EhrDriftDetected (the reconciliation job found that the EHR no longer holds
+//! what was acknowledged) turns an `acknowledged` row `drifted`; `open_drift` counts the
+//! findings and `drift` lists them (JSON: kind, resource, expected, found, detected_at).
+//! The next WriteBackSucceeded clears them, as the domain does.
+//!
+//! RPM: every ReadingsRecorded batch is an Observation artifact — row `encounter_id` =
+//! the enrolment id, `artifact` = `observations:<batch_id>` — acknowledged by
+//! ObservationsWrittenBack (the first Observation's id and version) or failed/dead by
+//! ObservationWriteBackFailed.
 
 use chartline_domain::encounter::{CodingOutcome, EncounterEvent, WriteBackArtifact};
+use chartline_domain::rpm::RpmEvent;
 use chrono::{DateTime, Duration, Utc};
 use futures::future::BoxFuture;
 
@@ -50,6 +61,9 @@ crate::read_model_row! {
             due_since: DateTime<Utc>,
             requested_at: Option<DateTime<Utc>>,
             acknowledged_at: Option<DateTime<Utc>>,
+            open_drift: i64,
+            drift: Option<String>,
+            drift_detected_at: Option<DateTime<Utc>>,
             updated_at: DateTime<Utc>,
             last_position: i64,
         }
@@ -92,7 +106,18 @@ impl EhrWriteBack {
         artifact: &WriteBackArtifact,
         at: DateTime<Utc>,
     ) -> Result<Option<&'s mut WriteBackRow>, ProjectionError> {
-        let (artifact_id, resource_type, task_id) = artifact_key(artifact);
+        self.keyed_row(tx, event, artifact_key(artifact), at).await
+    }
+
+    /// The row of `(artifact id, FHIR resource type, task id)` on the event's stream,
+    /// unless the event was already applied to it.
+    async fn keyed_row<'s>(
+        &'s mut self,
+        tx: &mut Tx,
+        event: Event<'_>,
+        (artifact_id, resource_type, task_id): (String, &'static str, Option<String>),
+        at: DateTime<Utc>,
+    ) -> Result<Option<&'s mut WriteBackRow>, ProjectionError> {
         let key = (event.aggregate_id(), artifact_id);
         let row = self
             .rows
@@ -112,6 +137,9 @@ impl EhrWriteBack {
                 due_since: at,
                 requested_at: None,
                 acknowledged_at: None,
+                open_drift: 0,
+                drift: None,
+                drift_detected_at: None,
                 updated_at: at,
                 last_position: 0,
             })
@@ -124,7 +152,67 @@ impl EhrWriteBack {
         Ok(Some(row))
     }
 
+    /// RPM Observation batches: one row per `ReadingsRecorded` batch.
+    async fn apply_rpm(
+        &mut self,
+        tx: &mut Tx,
+        event: Event<'_>,
+        domain: &RpmEvent,
+    ) -> Result<(), ProjectionError> {
+        let batch_key =
+            |batch_id: &uuid::Uuid| (format!("observations:{batch_id}"), "Observation", None);
+        match domain {
+            RpmEvent::ReadingsRecorded { batch_id, at, .. } => {
+                self.keyed_row(tx, event, batch_key(batch_id), *at).await?;
+            }
+            RpmEvent::ObservationsWrittenBack {
+                batch_id,
+                observations,
+                at,
+            } => {
+                if let Some(row) = self.keyed_row(tx, event, batch_key(batch_id), *at).await? {
+                    row.state = "acknowledged".into();
+                    row.attempts += 1;
+                    row.ehr_resource_id = observations.first().map(|o| o.ehr_resource_id.clone());
+                    row.ehr_version = observations.first().map(|o| o.ehr_version.clone());
+                    row.last_error = None;
+                    row.last_status = None;
+                    row.next_retry_at = None;
+                    row.acknowledged_at = Some(*at);
+                    row.updated_at = *at;
+                }
+            }
+            RpmEvent::ObservationWriteBackFailed {
+                batch_id,
+                status,
+                message,
+                retryable,
+                attempt,
+                at,
+            } => {
+                if let Some(row) = self.keyed_row(tx, event, batch_key(batch_id), *at).await? {
+                    row.attempts = i64::from(*attempt);
+                    row.last_status = status.map(i64::from);
+                    row.last_error = Some(message.clone());
+                    row.updated_at = *at;
+                    if !retryable || row.attempts >= MAX_ATTEMPTS {
+                        row.state = "dead".into();
+                        row.next_retry_at = None;
+                    } else {
+                        row.state = "failed".into();
+                        row.next_retry_at = Some(*at + retry_delay(row.attempts));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     async fn apply_event(&mut self, tx: &mut Tx, event: Event<'_>) -> Result<(), ProjectionError> {
+        if let Some(rpm) = event.rpm()? {
+            return self.apply_rpm(tx, event, rpm).await;
+        }
         let Some(domain) = event.encounter()? else {
             return Ok(());
         };
@@ -166,6 +254,33 @@ impl EhrWriteBack {
                     row.last_status = None;
                     row.next_retry_at = None;
                     row.acknowledged_at = Some(e.at);
+                    row.updated_at = e.at;
+                    // A successful (re-)write resolves open drift.
+                    row.open_drift = 0;
+                    row.drift = None;
+                    row.drift_detected_at = None;
+                }
+            }
+            E::EhrDriftDetected(e) => {
+                if let Some(row) = self.row(tx, event, &e.artifact, at).await? {
+                    let mut findings: Vec<serde_json::Value> = row
+                        .drift
+                        .as_deref()
+                        .and_then(|text| serde_json::from_str(text).ok())
+                        .unwrap_or_default();
+                    findings.push(serde_json::json!({
+                        "kind": super::tag(&e.kind),
+                        "resource": e.resource,
+                        "expected": e.expected,
+                        "found": e.found,
+                        "detected_at": e.detected_at,
+                    }));
+                    row.open_drift = findings.len() as i64;
+                    row.drift = Some(serde_json::Value::Array(findings).to_string());
+                    row.drift_detected_at = Some(e.detected_at);
+                    if row.state == "acknowledged" {
+                        row.state = "drifted".into();
+                    }
                     row.updated_at = e.at;
                 }
             }

@@ -9,9 +9,11 @@ use chartline_domain::encounter::{
     PatientLocation, PatientStatus, Payer, Scheduled, ServiceKind, Site, SoapSections, VisitType,
     WriteBackArtifact, WriteBackFailed, WriteBackRequested, WriteBackSucceeded,
 };
+use chartline_domain::encounter::{DriftKind, EhrDriftDetected};
 use chartline_domain::patient::{
     Demographics, Identifier, MatchCandidate, MatchGrade, MatchResolution, PatientEvent, Sex,
 };
+use chartline_domain::rpm::{ObservationAck, Reading, RpmEvent};
 use chartline_projections::cache::Row;
 use chartline_projections::models::billing_queue::BillingItemRow;
 use chartline_projections::models::ehr_writeback::WriteBackRow;
@@ -426,4 +428,147 @@ async fn read_models_follow_an_encounter_from_schedule_to_write_back(backend: Ba
     );
     assert_eq!(text(&view[&first.to_string()]["note_status"]), "signed");
     assert_eq!(view[&first.to_string()]["note_ai_assisted"], Cell::Int(1));
+
+    // Reconciliation finds the acknowledged appointment changed in the EHR: drifted,
+    // with the finding; a re-write clears it.
+    let drift = |found: &str, at| {
+        EncounterEvent::EhrDriftDetected(EhrDriftDetected {
+            artifact: WriteBackArtifact::Appointment,
+            kind: DriftKind::StatusChanged,
+            ehr_resource_id: "Appointment/77".into(),
+            ehr_version: "2".into(),
+            resource: "Appointment/77".into(),
+            expected: "status fulfilled".into(),
+            found: found.into(),
+            detected_at: at,
+            at: t(41),
+        })
+    };
+    append(
+        &store,
+        &first_stream,
+        vec![
+            (service(), drift("status cancelled", t(50))),
+            (service(), drift("status noshow", t(51))),
+        ],
+    )
+    .await;
+    runner.catch_up().await.unwrap();
+    let write_backs = by_key(&db, WriteBackRow::TABLE, &["encounter_id", "artifact"]).await;
+    let drifted = &write_backs[&format!("{first}/appointment")];
+    assert_eq!(text(&drifted["state"]), "drifted");
+    assert_eq!(drifted["open_drift"], Cell::Int(2));
+    let findings: serde_json::Value = serde_json::from_str(&text(&drifted["drift"])).unwrap();
+    assert_eq!(findings[0]["kind"], "status_changed");
+    assert_eq!(findings[1]["found"], "status noshow");
+    append(
+        &store,
+        &first_stream,
+        vec![
+            (
+                service(),
+                EncounterEvent::WriteBackRequested(WriteBackRequested {
+                    artifact: WriteBackArtifact::Appointment,
+                    at: t(52),
+                }),
+            ),
+            (
+                service(),
+                EncounterEvent::WriteBackSucceeded(WriteBackSucceeded {
+                    artifact: WriteBackArtifact::Appointment,
+                    ehr_resource_id: "Appointment/77".into(),
+                    ehr_version: "4".into(),
+                    at: t(52),
+                }),
+            ),
+        ],
+    )
+    .await;
+
+    // RPM: each readings batch is an Observation artifact of the enrolment.
+    let enrollment = Uuid::now_v7();
+    let (acknowledged_batch, failed_batch) = (Uuid::now_v7(), Uuid::now_v7());
+    let reading = Reading {
+        code: "8867-4".into(),
+        value: 72.0,
+        unit: "/min".into(),
+        effective_at: t(60),
+        device_id: "synthetic-hr-1".into(),
+    };
+    append(
+        &store,
+        &StreamId::for_aggregate("rpm", enrollment),
+        vec![
+            (
+                service(),
+                RpmEvent::Enrolled {
+                    enrollment_id: enrollment,
+                    patient_id,
+                    device_id: "synthetic-hr-1".into(),
+                    period_start: NaiveDate::from_ymd_opt(2026, 2, 1).unwrap(),
+                    time_zone: "America/New_York".into(),
+                    thresholds: vec![],
+                    at: t(59),
+                },
+            ),
+            (
+                service(),
+                RpmEvent::ReadingsRecorded {
+                    batch_id: acknowledged_batch,
+                    readings: vec![reading.clone(), reading.clone()],
+                    at: t(61),
+                },
+            ),
+            (
+                service(),
+                RpmEvent::ReadingsRecorded {
+                    batch_id: failed_batch,
+                    readings: vec![reading],
+                    at: t(62),
+                },
+            ),
+            (
+                service(),
+                RpmEvent::ObservationsWrittenBack {
+                    batch_id: acknowledged_batch,
+                    observations: vec![
+                        ObservationAck {
+                            ehr_resource_id: "Observation/o1".into(),
+                            ehr_version: "1".into(),
+                        },
+                        ObservationAck {
+                            ehr_resource_id: "Observation/o2".into(),
+                            ehr_version: "1".into(),
+                        },
+                    ],
+                    at: t(62),
+                },
+            ),
+            (
+                service(),
+                RpmEvent::ObservationWriteBackFailed {
+                    batch_id: failed_batch,
+                    status: Some(422),
+                    message: "unknown code".into(),
+                    retryable: false,
+                    attempt: 1,
+                    at: t(62),
+                },
+            ),
+        ],
+    )
+    .await;
+    runner.catch_up().await.unwrap();
+    let write_backs = by_key(&db, WriteBackRow::TABLE, &["encounter_id", "artifact"]).await;
+    let rewritten = &write_backs[&format!("{first}/appointment")];
+    assert_eq!(text(&rewritten["state"]), "acknowledged");
+    assert_eq!(rewritten["open_drift"], Cell::Int(0));
+    assert_eq!(rewritten["drift"], Cell::Null);
+    let batch = &write_backs[&format!("{enrollment}/observations:{acknowledged_batch}")];
+    assert_eq!(text(&batch["state"]), "acknowledged");
+    assert_eq!(text(&batch["resource_type"]), "Observation");
+    assert_eq!(text(&batch["ehr_resource_id"]), "Observation/o1");
+    let dead = &write_backs[&format!("{enrollment}/observations:{failed_batch}")];
+    assert_eq!(text(&dead["state"]), "dead");
+    assert_eq!(text(&dead["last_error"]), "unknown code");
 }
