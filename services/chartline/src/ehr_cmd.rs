@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chartline_ehr_connector::fhir::{EncounterRecord, parse_artifact, transaction_bundle};
+use chartline_ehr_connector::sandbox::smart::{RegisteredClient, SandboxSmart};
 use chartline_ehr_connector::{
-    Connector, EhrEndpoint, FhirClient, JobOutcome, SandboxConfig, SandboxEhr, Secret,
+    Connector, EhrEndpoint, FhirClient, JobOutcome, SandboxConfig, SandboxEhr,
 };
 use chartline_infra::AnyStore;
 use chartline_infra::store::{DEFAULT_STORE_URL, read_whole_stream};
@@ -68,6 +69,8 @@ pub enum FhirCommand {
         ehr_url: String,
         #[arg(long, env = "CHARTLINE_EHR_TOKEN", hide_env_values = true)]
         ehr_token: Option<String>,
+        #[command(flatten)]
+        ehr_smart: chartline::serve_cmd::EhrSmartArgs,
     },
 }
 
@@ -81,6 +84,14 @@ pub struct SandboxArgs {
     /// Require this static bearer token on FHIR requests.
     #[arg(long, env = "CHARTLINE_SANDBOX_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Register a SMART Backend Services client, `CLIENT_ID=JWK_FILE` (a public JWK or
+    /// JWKS); repeatable. With any, FHIR requests need an access token from
+    /// `POST /auth/token`.
+    #[arg(long = "smart-client", value_name = "CLIENT_ID=JWK_FILE")]
+    pub smart_clients: Vec<String>,
+    /// Lifetime of issued SMART access tokens, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub smart_token_lifetime: u64,
 }
 
 pub async fn run(command: EhrCommand) -> anyhow::Result<ExitCode> {
@@ -103,6 +114,7 @@ pub async fn run(command: EhrCommand) -> anyhow::Result<ExitCode> {
             store,
             ehr_url,
             ehr_token,
+            ehr_smart,
         }) => {
             let Some(artifact) = parse_artifact(&artifact) else {
                 eprintln!("unknown artifact {artifact:?}");
@@ -112,9 +124,10 @@ pub async fn run(command: EhrCommand) -> anyhow::Result<ExitCode> {
             let store = AnyStore::open(&store)
                 .await
                 .context("opening the event store")?;
+            let auth = ehr_smart.auth(&ehr_url, ehr_token.as_deref(), None).await?;
             let client = FhirClient::new(EhrEndpoint {
                 base_url: ehr_url,
-                bearer_token: ehr_token.map(Secret::new),
+                auth,
                 timeout: Duration::from_secs(10),
             })?;
             let outcome = Connector::new(store, client)
@@ -128,11 +141,30 @@ pub async fn run(command: EhrCommand) -> anyhow::Result<ExitCode> {
             })
         }
         EhrCommand::SandboxEhr(args) => {
+            let mut clients = Vec::new();
+            for registration in &args.smart_clients {
+                let Some((client_id, path)) = registration.split_once('=') else {
+                    eprintln!("--smart-client wants CLIENT_ID=JWK_FILE, got {registration:?}");
+                    return Ok(ExitCode::from(EXIT_BAD_INPUT));
+                };
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the JWK file {path}"))?;
+                clients.push(
+                    RegisteredClient::from_jwk_json(client_id, &text)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| path.to_string())?,
+                );
+            }
+            let smart = (!clients.is_empty()).then(|| SandboxSmart {
+                clients,
+                token_lifetime: Duration::from_secs(args.smart_token_lifetime),
+            });
             let sandbox = SandboxEhr::build(
                 &args.listen,
                 SandboxConfig {
                     database_url: args.database.clone(),
                     bearer_token: args.token,
+                    smart,
                 },
             )
             .await

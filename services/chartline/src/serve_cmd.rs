@@ -85,6 +85,94 @@ pub struct ServeArgs {
     /// Static bearer token sent to the EHR.
     #[arg(long, env = "CHARTLINE_EHR_TOKEN", hide_env_values = true)]
     pub ehr_token: Option<String>,
+    #[command(flatten)]
+    pub ehr_smart: EhrSmartArgs,
+}
+
+/// SMART Backend Services authorization to the EHR (instead of a static token). With
+/// `--ehr-url sandbox`, the in-process sandbox registers this client's public key and
+/// requires SMART tokens.
+#[derive(Args, Clone, Default)]
+pub struct EhrSmartArgs {
+    /// Client id registered with the EHR's authorization server; enables SMART.
+    #[arg(
+        long,
+        env = "CHARTLINE_EHR_SMART_CLIENT_ID",
+        requires = "ehr_smart_key"
+    )]
+    pub ehr_smart_client_id: Option<String>,
+    /// Private signing key: PKCS#8 PEM or DER (RSA ≥ 2048 bits or EC P-384). Never printed.
+    #[arg(
+        long,
+        env = "CHARTLINE_EHR_SMART_KEY",
+        requires = "ehr_smart_client_id"
+    )]
+    pub ehr_smart_key: Option<std::path::PathBuf>,
+    /// RS384 or ES384 (default: from the key type).
+    #[arg(long, env = "CHARTLINE_EHR_SMART_ALG")]
+    pub ehr_smart_alg: Option<String>,
+    /// Key id sent as the JWT `kid` (default: the key's RFC 7638 thumbprint).
+    #[arg(long, env = "CHARTLINE_EHR_SMART_KID")]
+    pub ehr_smart_kid: Option<String>,
+    /// Token endpoint (default: discovered from `<ehr-url>/.well-known/smart-configuration`).
+    #[arg(long, env = "CHARTLINE_EHR_SMART_TOKEN_URL")]
+    pub ehr_smart_token_url: Option<String>,
+    /// Scopes requested (SMART v2 `system/` scopes).
+    #[arg(
+        long,
+        env = "CHARTLINE_EHR_SMART_SCOPE",
+        default_value = "system/*.crus"
+    )]
+    pub ehr_smart_scope: String,
+}
+
+impl EhrSmartArgs {
+    pub fn enabled(&self) -> bool {
+        self.ehr_smart_client_id.is_some()
+    }
+
+    /// The signing key named by the flags (a start-up error when unusable).
+    pub fn signing_key(&self) -> anyhow::Result<Option<chartline_ehr_connector::SigningKey>> {
+        let (Some(_), Some(path)) = (&self.ehr_smart_client_id, &self.ehr_smart_key) else {
+            return Ok(None);
+        };
+        let algorithm = self
+            .ehr_smart_alg
+            .as_deref()
+            .map(str::parse::<chartline_ehr_connector::SigningAlgorithm>)
+            .transpose()?;
+        Ok(Some(chartline_ehr_connector::SigningKey::load(
+            path,
+            algorithm,
+            self.ehr_smart_kid.clone(),
+        )?))
+    }
+
+    /// How the connector authorizes: SMART when a client id is set, else the static
+    /// token, else nothing. Discovers the token endpoint when it is not given.
+    pub async fn auth(
+        &self,
+        base_url: &str,
+        static_token: Option<&str>,
+        token_url: Option<String>,
+    ) -> anyhow::Result<chartline_ehr_connector::Auth> {
+        use chartline_ehr_connector::{Auth, SmartAuth, SmartConfig, smart};
+        let Some(key) = self.signing_key()? else {
+            return Ok(Auth::bearer(static_token));
+        };
+        let client_id = self.ehr_smart_client_id.clone().unwrap_or_default();
+        let token_url = match token_url.or_else(|| self.ehr_smart_token_url.clone()) {
+            Some(url) => url,
+            None => smart::discover_token_endpoint(base_url, Duration::from_secs(10))
+                .await
+                .context("discovering the SMART token endpoint (or pass --ehr-smart-token-url)")?,
+        };
+        let config = SmartConfig::new(client_id, token_url, self.ehr_smart_scope.clone(), key);
+        tracing::info!(?config, "EHR authorization: SMART Backend Services");
+        Ok(Auth::SmartBackend(std::sync::Arc::new(SmartAuth::new(
+            config,
+        )?)))
+    }
 }
 
 /// A running deployment: the bus and store every component uses.
@@ -109,6 +197,7 @@ impl ServeArgs {
             events_stream: chartline_proto::subjects::EVENTS_STREAM.into(),
             ehr_url: None,
             ehr_token: None,
+            ehr_smart: EhrSmartArgs::default(),
         }
     }
 
@@ -340,6 +429,7 @@ pub async fn start(
             .ehr_url
             .clone()
             .context("the ehr component needs --ehr-url (a FHIR base URL, or `sandbox`)")?;
+        let mut sandbox_token_url = None;
         if base_url == "sandbox" {
             let database = match runtime.store_url.strip_prefix("sqlite://") {
                 Some(path) => format!(
@@ -350,16 +440,36 @@ pub async fn start(
                 ),
                 None => "sqlite://data/sandbox-ehr.db".to_string(),
             };
+            // With SMART flags, the sandbox registers this client's public key.
+            let smart = match (
+                args.ehr_smart.signing_key()?,
+                &args.ehr_smart.ehr_smart_client_id,
+            ) {
+                (Some(key), Some(client_id)) => {
+                    Some(chartline_ehr_connector::sandbox::smart::SandboxSmart {
+                        clients: vec![chartline_ehr_connector::sandbox::smart::RegisteredClient {
+                            client_id: client_id.clone(),
+                            keys: vec![key.public_jwk()],
+                        }],
+                        ..Default::default()
+                    })
+                }
+                _ => None,
+            };
             let sandbox = chartline_ehr_connector::SandboxEhr::build(
                 "127.0.0.1:0",
                 chartline_ehr_connector::SandboxConfig {
                     database_url: database,
                     bearer_token: args.ehr_token.clone(),
+                    smart,
                 },
             )
             .await
             .map_err(anyhow::Error::msg)?;
             base_url = sandbox.base_url();
+            if args.ehr_smart.enabled() {
+                sandbox_token_url = Some(sandbox.token_url());
+            }
             eprintln!("sandbox EHR (a stand-in, not a real EHR) at {base_url}");
             let stop = shutdown_signal(stop);
             tasks.spawn(async move {
@@ -370,13 +480,14 @@ pub async fn start(
                 )
             });
         }
+        let auth = args
+            .ehr_smart
+            .auth(&base_url, args.ehr_token.as_deref(), sandbox_token_url)
+            .await?;
         let client =
             chartline_ehr_connector::FhirClient::new(chartline_ehr_connector::EhrEndpoint {
                 base_url,
-                bearer_token: args
-                    .ehr_token
-                    .clone()
-                    .map(chartline_ehr_connector::Secret::new),
+                auth,
                 timeout: Duration::from_secs(10),
             })?;
         let connector = chartline_ehr_connector::Connector::new(store.clone(), client);

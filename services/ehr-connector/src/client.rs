@@ -13,8 +13,8 @@
 //! errors are retried; any other 4xx is *dead* — recorded with the server's
 //! OperationOutcome text and replayable after a fix. It works against any FHIR R4 server.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -23,20 +23,41 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::fhir::BusinessKey;
+use crate::smart::{SmartAuth, SmartError};
 
 /// How the connector reaches one EHR.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct EhrEndpoint {
     /// FHIR base URL, e.g. `http://127.0.0.1:8090/fhir` (no trailing slash needed).
     pub base_url: String,
-    /// Static bearer token (SMART Backend Services is not implemented yet; see docs/ehr.md).
-    pub bearer_token: Option<Secret>,
+    /// How requests are authorized.
+    pub auth: Auth,
     /// Per-request timeout.
     pub timeout: Duration,
 }
 
+/// How FHIR requests are authorized. `Debug` never shows a secret.
+#[derive(Clone, Debug, Default)]
+pub enum Auth {
+    /// No `Authorization` header.
+    #[default]
+    None,
+    /// A static bearer token.
+    Bearer(Secret),
+    /// SMART Backend Services: a cached access token from the client-credentials grant
+    /// with a signed JWT assertion, refreshed before expiry and once after a 401.
+    SmartBackend(Arc<SmartAuth>),
+}
+
+impl Auth {
+    /// `Bearer` when a token is given, otherwise `None`.
+    pub fn bearer(token: Option<impl Into<String>>) -> Auth {
+        token.map_or(Auth::None, |token| Auth::Bearer(Secret::new(token)))
+    }
+}
+
 /// A secret that never prints.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
@@ -314,10 +335,58 @@ impl FhirClient {
         self.endpoint.base_url.trim_end_matches('/')
     }
 
-    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+    /// The bearer token for the next attempt: the static one, or the current SMART
+    /// access token (fetched or refreshed as needed). A token endpoint failure is an
+    /// attempt error: retryable when the endpoint is unavailable, dead when it refused
+    /// the client.
+    async fn token(&self) -> Result<Option<Secret>, AttemptError> {
+        match &self.endpoint.auth {
+            Auth::None => Ok(None),
+            Auth::Bearer(token) => Ok(Some(token.clone())),
+            Auth::SmartBackend(smart) => smart.access_token().await.map(Some).map_err(|error| {
+                let message = format!("authorizing: {error}");
+                match error {
+                    SmartError::Unavailable(_) => AttemptError::Retryable {
+                        status: None,
+                        message,
+                        retry_after: None,
+                    },
+                    other => AttemptError::Dead {
+                        status: other.status(),
+                        message,
+                    },
+                }
+            }),
+        }
+    }
+
+    /// After a 401 to a SMART access token: drop it so the next attempt fetches a new
+    /// one. Returns whether a retry with a fresh token makes sense.
+    fn refresh_after_unauthorized(&self, error: &AttemptError, token: Option<&Secret>) -> bool {
+        match (&self.endpoint.auth, error, token) {
+            (
+                Auth::SmartBackend(smart),
+                AttemptError::Dead {
+                    status: Some(401), ..
+                },
+                Some(token),
+            ) => {
+                smart.invalidate(token);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        token: Option<&Secret>,
+    ) -> reqwest::RequestBuilder {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let builder = self.http.request(method, url);
-        match &self.endpoint.bearer_token {
+        match token {
             Some(token) => builder.bearer_auth(token.expose()),
             None => builder,
         }
@@ -351,10 +420,27 @@ impl FhirClient {
             });
         };
         let mut attempt = 0;
+        let mut refreshed_after_401 = false;
         loop {
             attempt += 1;
             self.breaker.wait_until_closed().await;
-            match self.upsert_once(&key, resource).await {
+            let result = match self.token().await {
+                Ok(token) => {
+                    let result = self.upsert_once(&key, resource, token.as_ref()).await;
+                    // An expired or revoked SMART token: refresh once and retry at once.
+                    if let Err(error) = &result
+                        && !refreshed_after_401
+                        && self.refresh_after_unauthorized(error, token.as_ref())
+                    {
+                        refreshed_after_401 = true;
+                        attempt -= 1;
+                        continue;
+                    }
+                    result
+                }
+                Err(error) => Err(error),
+            };
+            match result {
                 Ok(written) => {
                     self.breaker.record_success();
                     return Ok(written);
@@ -398,11 +484,12 @@ impl FhirClient {
         &self,
         key: &BusinessKey,
         resource: &Value,
+        token: Option<&Secret>,
     ) -> Result<Written, AttemptError> {
         let url = format!("{}/{}", self.base_url(), key.resource_type);
         let what = format!("create {} {}", key.resource_type, key.condition());
         let response = self
-            .request(reqwest::Method::POST, &url)
+            .request(reqwest::Method::POST, &url, token)
             .header("Content-Type", "application/fhir+json")
             .header("If-None-Exist", key.condition())
             .header("Prefer", "return=representation")
@@ -438,9 +525,9 @@ impl FhirClient {
             StatusCode::OK => {
                 let existing: Value = match serde_json::from_str::<Value>(&body) {
                     Ok(value) if value["id"].is_string() => value,
-                    _ => self.find(key).await?,
+                    _ => self.find(key, token).await?,
                 };
-                self.update_if_changed(key, resource, existing).await
+                self.update_if_changed(key, resource, existing, token).await
             }
             StatusCode::PRECONDITION_FAILED => Err(AttemptError::Dead {
                 status: Some(412),
@@ -456,11 +543,11 @@ impl FhirClient {
     }
 
     /// Searches by business key; exactly one match expected.
-    async fn find(&self, key: &BusinessKey) -> Result<Value, AttemptError> {
+    async fn find(&self, key: &BusinessKey, token: Option<&Secret>) -> Result<Value, AttemptError> {
         let what = format!("search {} {}", key.resource_type, key.condition());
         let url = format!("{}/{}", self.base_url(), key.resource_type);
         let response = self
-            .request(reqwest::Method::GET, &search_url(&url, key))
+            .request(reqwest::Method::GET, &search_url(&url, key), token)
             .send()
             .await
             .map_err(|e| transport(e, &what))?;
@@ -500,6 +587,7 @@ impl FhirClient {
         key: &BusinessKey,
         resource: &Value,
         existing: Value,
+        token: Option<&Secret>,
     ) -> Result<Written, AttemptError> {
         let id = existing["id"].as_str().unwrap_or_default().to_string();
         let version = existing["meta"]["versionId"]
@@ -523,7 +611,7 @@ impl FhirClient {
         body["id"] = Value::String(id.clone());
         let url = format!("{}/{}/{}", self.base_url(), key.resource_type, id);
         let response = self
-            .request(reqwest::Method::PUT, &url)
+            .request(reqwest::Method::PUT, &url, token)
             .header("Content-Type", "application/fhir+json")
             .header("If-Match", format!("W/\"{version}\""))
             .header("Prefer", "return=minimal")
@@ -565,11 +653,27 @@ impl FhirClient {
     /// Every resource the EHR holds for a business key (tests, reconciliation).
     pub async fn search(&self, key: &BusinessKey) -> Result<Vec<Value>, String> {
         let url = format!("{}/{}", self.base_url(), key.resource_type);
-        let response = self
-            .request(reqwest::Method::GET, &search_url(&url, key))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut refreshed_after_401 = false;
+        let response = loop {
+            let token = self.token().await.map_err(|e| format!("{e:?}"))?;
+            let response = self
+                .request(reqwest::Method::GET, &search_url(&url, key), token.as_ref())
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            let unauthorized = AttemptError::Dead {
+                status: Some(response.status().as_u16()),
+                message: String::new(),
+            };
+            if response.status() == StatusCode::UNAUTHORIZED
+                && !refreshed_after_401
+                && self.refresh_after_unauthorized(&unauthorized, token.as_ref())
+            {
+                refreshed_after_401 = true;
+                continue;
+            }
+            break response;
+        };
         let bundle: Value = response.json().await.map_err(|e| e.to_string())?;
         Ok(bundle["entry"]
             .as_array()

@@ -5,6 +5,8 @@
 //! - [`fhir`]: pure mapping from recorded history to FHIR R4 resources and Bundles.
 //! - [`client`]: the FHIR HTTP client (conditional create, If-Match update, retry
 //!   classes, backoff with jitter, circuit breaker).
+//! - [`smart`]: SMART Backend Services authorization (client-credentials grant with a
+//!   signed JWT assertion, RS384/ES384), token cache and refresh.
 //! - [`reactor`]: follows the global log from an event-sourced checkpoint and writes
 //!   each artifact that becomes due, gated on patient identity.
 //! - [`sandbox`]: a stand-in FHIR server with SQLite storage and fault injection — a
@@ -20,7 +22,9 @@ pub mod client;
 pub mod fhir;
 pub mod reactor;
 pub mod sandbox;
+pub mod smart;
 
-pub use client::{EhrEndpoint, FhirClient, RetryPolicy, Secret};
+pub use client::{Auth, EhrEndpoint, FhirClient, RetryPolicy, Secret};
 pub use reactor::{Connector, Job, JobOutcome};
 pub use sandbox::{SandboxConfig, SandboxEhr};
+pub use smart::{SigningAlgorithm, SigningKey, SmartAuth, SmartConfig, SmartError};

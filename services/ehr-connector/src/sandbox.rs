@@ -11,7 +11,8 @@
 //! `PUT /{type}/{id}` (with `If-Match: W/"n"`: stale → 412), `GET /{type}?identifier=…`
 //! and `?_tag=…` (searchset Bundle), `GET /{type}/{id}/_history[/{vid}]`, `POST /`
 //! (transaction Bundle of creates/conditional creates/updates), `GET /metadata`, an
-//! optional static bearer token.
+//! optional static bearer token, and an optional SMART Backend Services token endpoint
+//! ([`smart`]: `POST /auth/token`, `/.well-known/smart-configuration`).
 //!
 //! Fault injection (`POST /_faults`, seeded RNG so a run is reproducible):
 //! `{"error_rate":0.3,"kinds":["500","429","timeout","drop"],"seed":7,"race":false}`.
@@ -38,6 +39,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+
+pub mod smart;
+
+use smart::{SandboxSmart, SmartServer};
 
 /// Fault injection settings (`POST /_faults`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +112,7 @@ struct AppState {
     write_lock: Arc<tokio::sync::Mutex<()>>,
     faults: Arc<Mutex<FaultState>>,
     token: Option<String>,
+    smart: Option<Arc<SmartServer>>,
     base_url: Arc<Mutex<String>>,
 }
 
@@ -117,6 +123,9 @@ pub struct SandboxConfig {
     pub database_url: String,
     /// When set, every FHIR request needs `Authorization: Bearer <token>`.
     pub bearer_token: Option<String>,
+    /// When set, the SMART token endpoint runs and FHIR requests need an access token
+    /// it issued (or the static bearer token, if one is set too).
+    pub smart: Option<SandboxSmart>,
 }
 
 /// A bound, not yet serving sandbox (STYLE.md: `build` binds; port 0 in tests).
@@ -173,6 +182,7 @@ impl SandboxEhr {
                 injected: BTreeMap::new(),
             })),
             token: config.bearer_token,
+            smart: config.smart.map(|smart| Arc::new(SmartServer::new(smart))),
             base_url: Arc::new(Mutex::new(format!("http://{address}"))),
         };
         let fhir = Router::new()
@@ -189,6 +199,10 @@ impl SandboxEhr {
                 get(get_faults).post(set_faults).delete(clear_faults),
             )
             .route("/_stats", get(stats))
+            .route("/.well-known/smart-configuration", get(smart_configuration))
+            .route(smart::TOKEN_PATH, post(smart_token))
+            .route("/_smart/revoke", post(smart_revoke))
+            .route("/_smart/stats", get(smart_stats))
             .merge(fhir)
             .with_state(state);
         Ok(SandboxEhr {
@@ -200,6 +214,11 @@ impl SandboxEhr {
 
     pub fn port(&self) -> u16 {
         self.address.port()
+    }
+
+    /// The SMART token endpoint (served when SMART is configured).
+    pub fn token_url(&self) -> String {
+        format!("{}{}", self.base_url(), smart::TOKEN_PATH)
     }
 
     /// The FHIR base URL clients use.
@@ -243,13 +262,20 @@ fn internal(error: impl std::fmt::Display) -> Response {
 
 /// Auth, latency and fault injection for FHIR routes.
 async fn fhir_guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.token {
-        let expected = format!("Bearer {token}");
+    if state.token.is_some() || state.smart.is_some() {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if given != Some(expected.as_str()) {
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let authorized = given.is_some_and(|given| {
+            state.token.as_deref() == Some(given)
+                || state
+                    .smart
+                    .as_ref()
+                    .is_some_and(|smart| smart.accepts(given))
+        });
+        if !authorized {
             return outcome(
                 StatusCode::UNAUTHORIZED,
                 "login",
@@ -304,6 +330,44 @@ async fn fhir_guard(State(state): State<AppState>, request: Request, next: Next)
             Response::from_parts(parts, Body::from_stream(broken))
         }
         _ => next.run(request).await,
+    }
+}
+
+fn smart_not_configured() -> Response {
+    outcome(
+        StatusCode::NOT_FOUND,
+        "not-supported",
+        "SMART is not configured on this sandbox",
+    )
+}
+
+async fn smart_configuration(State(state): State<AppState>) -> Response {
+    let base = state.base_url.lock().expect("base url").clone();
+    match &state.smart {
+        Some(smart) => smart.well_known(&base),
+        None => smart_not_configured(),
+    }
+}
+
+async fn smart_token(State(state): State<AppState>, body: Bytes) -> Response {
+    let base = state.base_url.lock().expect("base url").clone();
+    match &state.smart {
+        Some(smart) => smart.token(&base, body),
+        None => smart_not_configured(),
+    }
+}
+
+async fn smart_revoke(State(state): State<AppState>) -> Response {
+    match &state.smart {
+        Some(smart) => smart.revoke_all(),
+        None => smart_not_configured(),
+    }
+}
+
+async fn smart_stats(State(state): State<AppState>) -> Response {
+    match &state.smart {
+        Some(smart) => smart.stats(),
+        None => smart_not_configured(),
     }
 }
 

@@ -13,7 +13,7 @@ use chartline_ehr_connector::fhir::{
     BusinessKey, EncounterRecord, artifact_made_due, artifact_name, due_artifacts, resources_for,
 };
 use chartline_ehr_connector::{
-    Connector, EhrEndpoint, FhirClient, Job, JobOutcome, SandboxConfig, SandboxEhr, Secret,
+    Auth, Connector, EhrEndpoint, FhirClient, Job, JobOutcome, SandboxConfig, SandboxEhr, Secret,
 };
 use chartline_infra::store::read_whole_stream;
 use chartline_infra::{AnyStore, EventStore};
@@ -96,6 +96,7 @@ impl Harness {
             SandboxConfig {
                 database_url: format!("sqlite://{}/sandbox.db", dir.display()),
                 bearer_token: token.map(str::to_string),
+                smart: None,
             },
         )
         .await
@@ -120,7 +121,7 @@ impl Harness {
     pub fn client(&self, token: Option<&str>, fast: bool) -> FhirClient {
         let client = FhirClient::new(EhrEndpoint {
             base_url: self.sandbox_url.clone(),
-            bearer_token: token.map(Secret::new),
+            auth: token.map_or(Auth::None, |token| Auth::Bearer(Secret::new(token))),
             timeout: Duration::from_millis(if fast { 1_000 } else { 10_000 }),
         })
         .unwrap();

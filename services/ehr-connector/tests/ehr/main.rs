@@ -4,3 +4,4 @@
 
 mod connector;
 mod mapping;
+mod smart;
