@@ -21,15 +21,15 @@ use uuid::Uuid;
 
 use crate::embedded::{reference_visit, run_lifecycle};
 
-struct App {
-    runtime: Runtime,
-    port: u16,
+pub(crate) struct App {
+    pub(crate) runtime: Runtime,
+    pub(crate) port: u16,
     secret: Secret,
     stop: watch::Sender<bool>,
     dir: std::path::PathBuf,
 }
 
-async fn spawn_app() -> App {
+pub(crate) async fn spawn_app() -> App {
     let dir = std::env::temp_dir().join(format!("chartline_t_{}", Uuid::new_v4().simple()));
     let mut args = ServeArgs::embedded(&["clinic-a", "clinic-b"]);
     args.only = serve_cmd::COMPONENTS
@@ -77,7 +77,7 @@ impl Drop for App {
     }
 }
 
-fn token(app: &App, tenant: &str, roles: &[Role]) -> String {
+pub(crate) fn token(app: &App, tenant: &str, roles: &[Role]) -> String {
     let now = chrono::Utc::now().timestamp();
     issue(
         &app.secret,
@@ -122,14 +122,19 @@ fn post(port: u16, token: Option<&str>, body: &str) -> (u16, Value) {
     (status, json)
 }
 
-async fn gql(port: u16, token: Option<String>, query: &str, variables: Value) -> (u16, Value) {
+pub(crate) async fn gql(
+    port: u16,
+    token: Option<String>,
+    query: &str,
+    variables: Value,
+) -> (u16, Value) {
     let body = json!({"query": query, "variables": variables}).to_string();
     tokio::task::spawn_blocking(move || post(port, token.as_deref(), &body))
         .await
         .unwrap()
 }
 
-fn error_code(response: &Value) -> Option<&str> {
+pub(crate) fn error_code(response: &Value) -> Option<&str> {
     response["errors"][0]["extensions"]["code"].as_str()
 }
 

@@ -50,7 +50,7 @@ impl Embedded {
     }
 }
 
-fn tenant() -> TenantId {
+pub(crate) fn tenant() -> TenantId {
     TenantId::parse("clinic-a").unwrap()
 }
 

@@ -6,3 +6,4 @@
 mod api;
 mod embedded;
 mod identity;
+mod live;

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod live;
 pub mod phi;
 pub mod schema;
 pub mod views;
@@ -28,15 +29,16 @@ use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
 use async_graphql::{Data, ServerError};
 use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
 use axum::Router;
+use axum::extract::ws::{CloseFrame, Message};
 use axum::extract::{DefaultBodyLimit, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use chartline_infra::EventStore;
 use chartline_infra::bus::Bus;
-use chartline_infra::store::{AnyStore, ReadScope, Subscription};
+use chartline_infra::store::AnyStore;
+use futures::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
 
 pub use auth::{Claims, Role, Secret};
 use schema::{ApiState, ChartlineSchema, MutationRoot, PhiReads, Query, SubscriptionRoot};
@@ -47,6 +49,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const MAX_DEPTH: usize = 12;
 pub const MAX_COMPLEXITY: usize = 2_000;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Prefix of the reason a WebSocket is closed with when `connection_init` is refused.
+const FORBIDDEN: &str = "Forbidden";
 
 pub struct ApiConfig {
     pub listen: String,
@@ -72,6 +76,7 @@ struct AppState {
     secret: Secret,
     store: AnyStore,
     metrics: Arc<Metrics>,
+    live: Arc<live::Live>,
 }
 
 pub fn build_schema(state: ApiState) -> ChartlineSchema {
@@ -92,7 +97,7 @@ pub fn sdl() -> String {
 pub struct Api {
     listener: TcpListener,
     router: Router,
-    tail: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn now_seconds() -> i64 {
@@ -171,7 +176,24 @@ async fn graphql_ws(
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
             let secret = app.secret.clone();
-            GraphQLWebSocket::new(socket, app.schema.clone(), protocol)
+            // async-graphql closes a refused `connection_init` with 1002; the
+            // graphql-transport-ws spec says 4403 Forbidden, which standard clients
+            // (graphql-ws) treat as final instead of reconnecting.
+            let (sink, stream) = socket.split();
+            let sink = sink.with(|message: Message| async move {
+                Ok::<_, axum::Error>(match message {
+                    Message::Close(Some(frame))
+                        if frame.code == 1002 && frame.reason.starts_with(FORBIDDEN) =>
+                    {
+                        Message::Close(Some(CloseFrame {
+                            code: 4403,
+                            reason: frame.reason,
+                        }))
+                    }
+                    other => other,
+                })
+            });
+            GraphQLWebSocket::new_with_pair(sink, stream, app.schema.clone(), protocol)
                 .on_connection_init(move |payload| async move {
                     let token = payload
                         .get("Authorization")
@@ -185,12 +207,12 @@ async fn graphql_ws(
                                 .map(str::to_owned)
                         })
                         .ok_or_else(|| {
-                            async_graphql::Error::new(
-                                "connection_init needs an Authorization bearer token",
-                            )
+                            async_graphql::Error::new(format!(
+                                "{FORBIDDEN}: connection_init needs an Authorization bearer token"
+                            ))
                         })?;
                     let claims = auth::verify(&secret, &token, now_seconds())
-                        .map_err(|e| async_graphql::Error::new(e.to_string()))?;
+                        .map_err(|e| async_graphql::Error::new(format!("{FORBIDDEN}: {e}")))?;
                     let mut data = Data::default();
                     data.insert(claims);
                     Ok(data)
@@ -250,50 +272,38 @@ async fn metrics(State(app): State<AppState>) -> Response {
          # TYPE chartline_graphql_unauthenticated_total counter\nchartline_graphql_unauthenticated_total {}\n\
          # TYPE chartline_graphql_errors_total counter\nchartline_graphql_errors_total {}\n\
          # TYPE chartline_phi_reads_total counter\nchartline_phi_reads_total {}\n\
-         # TYPE chartline_store_head_position gauge\nchartline_store_head_position {head}\n",
+         # TYPE chartline_store_head_position gauge\nchartline_store_head_position {head}\n\
+         # TYPE chartline_live_published_total counter\nchartline_live_published_total {}\n\
+         # TYPE chartline_live_gate_wait_seconds gauge\nchartline_live_gate_wait_seconds {}\n",
         m.requests.load(Ordering::Relaxed),
         m.unauthenticated.load(Ordering::Relaxed),
         m.errors.load(Ordering::Relaxed),
         m.phi_reads.load(Ordering::Relaxed),
+        app.live.published.load(Ordering::Relaxed),
+        app.live.gate_wait_micros.load(Ordering::Relaxed) as f64 / 1e6,
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 impl Api {
     pub async fn build(config: ApiConfig) -> anyhow::Result<Api> {
-        let (events, _) = broadcast::channel(4_096);
-        let head = config.store.head_position().await?;
+        let live = live::Live::new();
+        let tasks = live
+            .start(config.store.clone(), config.read_db.clone())
+            .await?;
         let schema = build_schema(ApiState {
             store: config.store.clone(),
             bus: config.bus,
             root: config.root,
-            events: events.clone(),
+            live: live.clone(),
             read_db: config.read_db,
-        });
-        // One tail of the log feeds every subscription.
-        let tail_store = config.store.clone();
-        let tail = tokio::spawn(async move {
-            let wake = tail_store.head_watch();
-            let mut subscription = Subscription::new(tail_store, ReadScope::AllTenants, head)
-                .with_wake(wake)
-                .with_poll_interval(Duration::from_millis(100));
-            loop {
-                match subscription.next().await {
-                    Ok(event) => {
-                        let _ = events.send(Arc::new(event));
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "API event tail: store unavailable; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
-            }
         });
         let app = AppState {
             schema,
             secret: config.secret,
             store: config.store,
             metrics: Arc::default(),
+            live,
         };
         let router = Router::new()
             .route("/graphql", get(graphql_ws).post(graphql_post))
@@ -316,7 +326,7 @@ impl Api {
         Ok(Api {
             listener,
             router,
-            tail,
+            tasks,
         })
     }
 
@@ -331,7 +341,9 @@ impl Api {
         let result = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await;
-        self.tail.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
         Ok(result?)
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_graphql::{Context, Enum, ErrorExtensions, ID, Json, Object, SimpleObject, Subscription};
 use chartline_domain::Aggregate;
 use chartline_domain::encounter::{Encounter, EncounterEvent};
+use chartline_domain::rpm::RpmEvent;
 use chartline_infra::EventStore;
 use chartline_infra::bus::Bus;
 use chartline_infra::command::send_command;
@@ -22,6 +23,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::auth::{Claims, Role};
+use crate::live::LiveUpdate;
 
 /// The query root: encounter/audit resolvers plus the read-model views.
 #[derive(async_graphql::MergedObject, Default)]
@@ -37,8 +39,8 @@ pub struct ApiState {
     pub store: AnyStore,
     pub bus: Bus,
     pub root: String,
-    /// Committed events, fanned out to subscriptions.
-    pub events: broadcast::Sender<Arc<EventEnvelope>>,
+    /// Committed events, fanned out to subscriptions once the read models have them.
+    pub live: Arc<crate::live::Live>,
     pub read_db: Option<chartline_projections::db::ReadDb>,
 }
 
@@ -439,6 +441,8 @@ pub struct PhiAccess {
     actor: String,
     patient_id: ID,
     fields: Vec<String>,
+    /// The GraphQL operation (or subscription field) that read them.
+    operation: Option<String>,
 }
 
 /// Auditor-only views: history, replay as of a version or time, chain verification,
@@ -601,6 +605,7 @@ impl Audit {
                             .collect()
                     })
                     .unwrap_or_default(),
+                operation: e.data["operation"].as_str().map(str::to_owned),
             })
             .collect())
     }
@@ -860,11 +865,83 @@ pub struct EncounterUpdate {
     recorded_at: String,
 }
 
+impl EncounterUpdate {
+    fn of(event: &EventEnvelope) -> EncounterUpdate {
+        EncounterUpdate {
+            encounter_id: ID(event.stream_id.id_part().to_string()),
+            event_type: event.event_type.clone(),
+            version: event.stream_version,
+            position: event.global_position,
+            recorded_at: event.recorded_at.to_rfc3339(),
+        }
+    }
+}
+
+/// Billing-queue items in one status.
+#[derive(SimpleObject, Clone)]
+pub struct StatusCount {
+    status: String,
+    count: i64,
+}
+
+impl From<(String, i64)> for StatusCount {
+    fn from((status, count): (String, i64)) -> Self {
+        StatusCount { status, count }
+    }
+}
+
+/// A billing-relevant event was applied to the billing queue; `counts` is the tenant's
+/// queue right after it.
+#[derive(SimpleObject, Clone)]
+pub struct BillingQueueChange {
+    /// The stream the event belongs to (encounter, patient or RPM enrolment).
+    stream_id: String,
+    event_type: String,
+    position: u64,
+    recorded_at: String,
+    counts: Vec<StatusCount>,
+}
+
+/// A write-back that did not reach the EHR (failed, dead, or blocked by the compliance
+/// map).
+#[derive(SimpleObject, Clone)]
+pub struct WriteBackProblem {
+    encounter_id: ID,
+    stream_id: String,
+    event_type: String,
+    artifact: Json<serde_json::Value>,
+    status: Option<u16>,
+    message: String,
+    retryable: bool,
+    position: u64,
+    recorded_at: String,
+}
+
+/// An RPM reading outside the patient's alert band (PHI: clinician or auditor role; each
+/// delivery is recorded in the PHI access log).
+#[derive(SimpleObject, Clone)]
+pub struct RpmAlert {
+    patient_id: ID,
+    enrollment_id: ID,
+    code: String,
+    value: f64,
+    unit: String,
+    effective_at: String,
+    low: Option<f64>,
+    high: Option<f64>,
+    position: u64,
+}
+
+fn live_stream(ctx: &Context<'_>) -> impl Stream<Item = Arc<LiveUpdate>> + use<> {
+    tokio_stream_from(state(ctx).live.updates.subscribe())
+}
+
 pub struct SubscriptionRoot;
 
 #[Subscription]
 impl SubscriptionRoot {
-    /// Fires for every committed event of one encounter of the token's tenant.
+    /// Fires for every committed event of one encounter of the token's tenant, once the
+    /// read models have applied it.
     async fn encounter_updated(
         &self,
         ctx: &Context<'_>,
@@ -876,18 +953,11 @@ impl SubscriptionRoot {
             Uuid::parse_str(&id)
                 .map_err(|_| api_error(ApiErrorCode::BadInput, "id must be a UUID"))?,
         );
-        let receiver = state(ctx).events.subscribe();
-        Ok(tokio_stream_from(receiver).filter_map(move |event| {
+        Ok(live_stream(ctx).filter_map(move |update| {
+            let event = &update.event;
             let keep = event.metadata.tenant == claims.tenant && event.stream_id == stream;
-            async move {
-                keep.then(|| EncounterUpdate {
-                    encounter_id: ID(event.stream_id.id_part().to_string()),
-                    event_type: event.event_type.clone(),
-                    version: event.stream_version,
-                    position: event.global_position,
-                    recorded_at: event.recorded_at.to_rfc3339(),
-                })
-            }
+            let item = keep.then(|| EncounterUpdate::of(event));
+            async move { item }
         }))
     }
 
@@ -906,17 +976,175 @@ impl SubscriptionRoot {
                 Role::Billing,
             ],
         )?;
-        let receiver = state(ctx).events.subscribe();
-        Ok(tokio_stream_from(receiver).filter_map(move |event| {
-            let keep = event.metadata.tenant == claims.tenant;
-            async move {
-                keep.then(|| EncounterUpdate {
+        Ok(live_stream(ctx).filter_map(move |update| {
+            let event = &update.event;
+            let item = (event.metadata.tenant == claims.tenant).then(|| EncounterUpdate::of(event));
+            async move { item }
+        }))
+    }
+
+    /// Fires after each billing-relevant event of the token's tenant has been applied
+    /// to the billing queue, with the queue's counts by status.
+    async fn billing_queue_changed(
+        &self,
+        ctx: &Context<'_>,
+    ) -> async_graphql::Result<impl Stream<Item = BillingQueueChange>> {
+        let claims = require_roles(ctx, &[Role::Billing, Role::Ops, Role::Platform])?;
+        if state(ctx).read_db.is_none() {
+            return Err(api_error(
+                ApiErrorCode::Unavailable,
+                "read models are not configured on this API instance",
+            ));
+        }
+        Ok(live_stream(ctx).filter_map(move |update| {
+            let event = &update.event;
+            let item = match &update.billing_counts {
+                Some(counts) if event.metadata.tenant == claims.tenant => {
+                    Some(BillingQueueChange {
+                        stream_id: event.stream_id.to_string(),
+                        event_type: event.event_type.clone(),
+                        position: event.global_position,
+                        recorded_at: event.recorded_at.to_rfc3339(),
+                        counts: counts.iter().cloned().map(StatusCount::from).collect(),
+                    })
+                }
+                _ => None,
+            };
+            async move { item }
+        }))
+    }
+
+    /// Fires when a write-back of the token's tenant fails, goes dead, or is blocked by
+    /// the compliance map.
+    async fn write_back_failed(
+        &self,
+        ctx: &Context<'_>,
+    ) -> async_graphql::Result<impl Stream<Item = WriteBackProblem>> {
+        let claims = require_roles(
+            ctx,
+            &[Role::Ops, Role::Platform, Role::Clinician, Role::Auditor],
+        )?;
+        Ok(live_stream(ctx).filter_map(move |update| {
+            let event = &update.event;
+            let keep = event.metadata.tenant == claims.tenant
+                && crate::live::WRITE_BACK_PROBLEM_TYPES.contains(&event.event_type.as_str());
+            let item = keep.then(|| {
+                let data = &event.data;
+                WriteBackProblem {
                     encounter_id: ID(event.stream_id.id_part().to_string()),
+                    stream_id: event.stream_id.to_string(),
                     event_type: event.event_type.clone(),
-                    version: event.stream_version,
+                    artifact: Json(data.get("artifact").cloned().unwrap_or_default()),
+                    status: data
+                        .get("status")
+                        .and_then(|s| s.as_u64())
+                        .and_then(|s| u16::try_from(s).ok()),
+                    message: data
+                        .get("message")
+                        .or_else(|| data.get("reason"))
+                        .and_then(|m| m.as_str())
+                        .unwrap_or_default()
+                        .to_string(),
+                    retryable: data
+                        .get("retryable")
+                        .and_then(|r| r.as_bool())
+                        .unwrap_or(false),
                     position: event.global_position,
                     recorded_at: event.recorded_at.to_rfc3339(),
-                })
+                }
+            });
+            async move { item }
+        }))
+    }
+
+    /// Projection checkpoints, lag and dead letters: the current state at once, then
+    /// whenever it changes (polled once a second while anybody listens).
+    async fn projection_status(
+        &self,
+        ctx: &Context<'_>,
+    ) -> async_graphql::Result<impl Stream<Item = Vec<crate::views::ProjectionInfo>>> {
+        require_roles(ctx, &[Role::Ops, Role::Auditor, Role::Platform])?;
+        let api = state(ctx);
+        let db = api.read_db.clone().ok_or_else(|| {
+            api_error(
+                ApiErrorCode::Unavailable,
+                "read models are not configured on this API instance",
+            )
+        })?;
+        let receiver = api.live.status.subscribe();
+        let current = chartline_projections::engine::status(&api.store, &db)
+            .await
+            .map_err(unavailable)?;
+        let first = futures::stream::once(async move { current });
+        let changes = futures::stream::unfold(receiver, |mut receiver| async move {
+            receiver.changed().await.ok()?;
+            let status = receiver.borrow_and_update().clone();
+            Some((status.as_ref().clone(), receiver))
+        });
+        Ok(first.chain(changes).map(|status| {
+            status
+                .iter()
+                .map(crate::views::ProjectionInfo::from)
+                .collect()
+        }))
+    }
+
+    /// RPM threshold breaches of the token's tenant, for one patient or all. PHI: needs
+    /// the clinician or auditor role; every delivered alert is a recorded PHI read.
+    async fn rpm_alert(
+        &self,
+        ctx: &Context<'_>,
+        patient_id: Option<ID>,
+    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<RpmAlert>>> {
+        let claims = claims(ctx)?.clone();
+        if !claims.roles.iter().any(|r| r.sees_phi()) {
+            return Err(api_error(
+                ApiErrorCode::Forbidden,
+                "RPM alerts carry readings (PHI); they need the clinician or auditor role",
+            ));
+        }
+        let only = patient_id
+            .map(|id| Uuid::parse_str(&id))
+            .transpose()
+            .map_err(|_| api_error(ApiErrorCode::BadInput, "patientId must be a UUID"))?;
+        let store = state(ctx).store.clone();
+        Ok(live_stream(ctx).filter_map(move |update| {
+            let claims = claims.clone();
+            let store = store.clone();
+            async move {
+                let event = &update.event;
+                let patient = update.rpm_patient?;
+                if event.metadata.tenant != claims.tenant || only.is_some_and(|p| p != patient) {
+                    return None;
+                }
+                let RpmEvent::ThresholdBreached {
+                    reading, threshold, ..
+                } = decode::<RpmEvent>(event).ok()?
+                else {
+                    return None;
+                };
+                // PHI goes out only once its read is on record.
+                let reads = vec![(patient, "rpmAlert.reading".to_string())];
+                if let Err(error) =
+                    crate::phi::record(&store, &claims, Some("rpmAlert"), reads).await
+                {
+                    tracing::error!(%error, "PHI access could not be recorded; alert withheld");
+                    return Some(Err(api_error(
+                        ApiErrorCode::Unavailable,
+                        "the audit log is unavailable; alert withheld",
+                    )));
+                }
+                Some(Ok(RpmAlert {
+                    patient_id: ID(patient.to_string()),
+                    enrollment_id: ID(event.stream_id.id_part().to_string()),
+                    code: reading.code,
+                    value: reading.value,
+                    unit: reading.unit,
+                    effective_at: reading.effective_at.to_rfc3339(),
+                    low: threshold.low,
+                    high: threshold.high,
+                    position: event.global_position,
+                }))
             }
         }))
     }
@@ -925,12 +1153,12 @@ impl SubscriptionRoot {
 /// A broadcast receiver as a stream; a lagging subscriber skips what it missed (a
 /// dashboard re-queries) rather than blocking everyone.
 fn tokio_stream_from(
-    receiver: broadcast::Receiver<Arc<EventEnvelope>>,
-) -> impl Stream<Item = Arc<EventEnvelope>> {
+    receiver: broadcast::Receiver<Arc<LiveUpdate>>,
+) -> impl Stream<Item = Arc<LiveUpdate>> {
     futures::stream::unfold(receiver, |mut receiver| async move {
         loop {
             match receiver.recv().await {
-                Ok(event) => return Some((event, receiver)),
+                Ok(update) => return Some((update, receiver)),
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => return None,
             }

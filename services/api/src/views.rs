@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 use crate::auth::Role;
 use crate::schema::{
-    ApiErrorCode, EncounterView, PageInfo, api_error, claims, load_encounter_view, require_roles,
+    ApiErrorCode, EncounterView, PageInfo, StatusCount, api_error, claims, load_encounter_view,
+    require_roles,
 };
 
 fn read_db<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a ReadDb> {
@@ -119,9 +120,23 @@ pub struct BillingItemEdge {
 }
 
 #[derive(SimpleObject)]
+#[graphql(complex)]
 pub struct BillingQueueConnection {
     edges: Vec<BillingItemEdge>,
     page_info: PageInfo,
+    #[graphql(skip)]
+    tenant: String,
+}
+
+#[async_graphql::ComplexObject]
+impl BillingQueueConnection {
+    /// The tenant's whole queue by status (not only this page).
+    async fn counts(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<StatusCount>> {
+        let counts = crate::live::billing_counts(read_db(ctx)?, &self.tenant)
+            .await
+            .ok_or_else(|| db_error("billing counts unavailable"))?;
+        Ok(counts.into_iter().map(StatusCount::from).collect())
+    }
 }
 
 #[derive(Enum, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +166,7 @@ pub struct IdentityReview {
     requested_at: Option<String>,
 }
 
-#[derive(SimpleObject)]
+#[derive(SimpleObject, Clone)]
 pub struct ProjectionInfo {
     name: String,
     checkpoint: u64,
@@ -161,6 +176,21 @@ pub struct ProjectionInfo {
     open_dead_letters: u64,
     state: String,
     stopped_reason: Option<String>,
+}
+
+impl From<&chartline_projections::engine::ProjectionStatus> for ProjectionInfo {
+    fn from(s: &chartline_projections::engine::ProjectionStatus) -> Self {
+        ProjectionInfo {
+            name: s.name.clone(),
+            checkpoint: s.checkpoint,
+            lag_events: s.lag_events,
+            lag_seconds: s.lag_seconds,
+            rate_events_per_second: s.rate_events_per_sec,
+            open_dead_letters: s.dead_letters_open,
+            state: s.status.clone(),
+            stopped_reason: s.stopped_reason.clone(),
+        }
+    }
 }
 
 #[derive(SimpleObject)]
@@ -373,6 +403,7 @@ impl ViewsQuery {
                 has_next_page,
                 end_cursor,
             },
+            tenant: claims.tenant.to_string(),
         })
     }
 
@@ -484,19 +515,7 @@ impl ViewsQuery {
         let status = chartline_projections::engine::status(store, db)
             .await
             .map_err(db_error)?;
-        Ok(status
-            .into_iter()
-            .map(|s| ProjectionInfo {
-                name: s.name,
-                checkpoint: s.checkpoint,
-                lag_events: s.lag_events,
-                lag_seconds: s.lag_seconds,
-                rate_events_per_second: s.rate_events_per_sec,
-                open_dead_letters: s.dead_letters_open,
-                state: s.status,
-                stopped_reason: s.stopped_reason,
-            })
-            .collect())
+        Ok(status.iter().map(ProjectionInfo::from).collect())
     }
 
     /// The headline: how many encounters completed with zero manual touches, between

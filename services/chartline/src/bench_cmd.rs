@@ -28,6 +28,8 @@ pub enum BenchCommand {
     Store(StoreBenchArgs),
     /// Commands/s and latency through the command path, embedded and distributed.
     Commands(crate::bench_commands::CommandBenchArgs),
+    /// GraphQL API queries/s, audit replay latency and subscription fan-out.
+    Api(crate::bench_api::ApiBenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -90,6 +92,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<std::process::ExitCode
     match command {
         BenchCommand::Store(args) => run_store(args).await,
         BenchCommand::Commands(args) => crate::bench_commands::run(args).await,
+        BenchCommand::Api(args) => crate::bench_api::run(args).await,
     }
 }
 

@@ -42,7 +42,7 @@ pub struct CommandBenchArgs {
     out: String,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -179,7 +179,7 @@ async fn measure(
     })
 }
 
-fn figure(
+pub(crate) fn figure(
     name: &str,
     description: &str,
     value: f64,
@@ -300,11 +300,21 @@ pub async fn run(args: CommandBenchArgs) -> anyhow::Result<ExitCode> {
             Some(("<", 20.0)),
         ));
     }
+    report("commands", &figures, &args.out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the figures as a table and writes them as `{"benchmark", "figures"}` JSON.
+pub(crate) fn report(
+    benchmark: &str,
+    figures: &[serde_json::Value],
+    out: &str,
+) -> anyhow::Result<()> {
     println!(
         "{:<36} {:>12} {:<12} {:<10} result",
         "figure", "value", "unit", "target"
     );
-    for f in &figures {
+    for f in figures {
         println!(
             "{:<36} {:>12} {:<12} {:<10} {}",
             f["name"].as_str().unwrap_or_default(),
@@ -318,13 +328,13 @@ pub async fn run(args: CommandBenchArgs) -> anyhow::Result<ExitCode> {
             }
         );
     }
-    if let Some(parent) = std::path::Path::new(&args.out).parent() {
+    if let Some(parent) = std::path::Path::new(out).parent() {
         std::fs::create_dir_all(parent)?;
     }
     std::fs::write(
-        &args.out,
-        serde_json::to_string_pretty(&json!({"benchmark": "commands", "figures": figures}))?,
+        out,
+        serde_json::to_string_pretty(&json!({"benchmark": benchmark, "figures": figures}))?,
     )?;
-    eprintln!("wrote {}", args.out);
-    Ok(ExitCode::SUCCESS)
+    eprintln!("wrote {out}");
+    Ok(())
 }

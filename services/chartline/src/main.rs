@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bench_api;
 mod bench_cmd;
 mod bench_commands;
 mod billing_cmd;
