@@ -210,6 +210,9 @@ pub struct WriteBackRow {
     ehr_resource_id: Option<String>,
     ehr_version: Option<String>,
     last_error: Option<String>,
+    /// Open findings of the reconciliation job (kind, resource, expected, found,
+    /// detected_at): what the EHR holds differs from what it acknowledged.
+    drift: Option<Json<serde_json::Value>>,
 }
 
 #[derive(SimpleObject)]
@@ -584,10 +587,10 @@ impl ViewsQuery {
         let tenant = Cell::Text(claims.tenant.to_string());
         let ehr_rows = db
             .fetch(
-                "SELECT artifact, state, attempts, ehr_resource_id, ehr_version, last_error FROM ehr_writeback \
+                "SELECT artifact, state, attempts, ehr_resource_id, ehr_version, last_error, drift FROM ehr_writeback \
                  WHERE tenant = ? AND encounter_id = ? ORDER BY artifact",
                 &[tenant.clone(), Cell::Text(uuid.to_string())],
-                &[Kind::Text, Kind::Text, Kind::Int, Kind::Text, Kind::Text, Kind::Text],
+                &[Kind::Text, Kind::Text, Kind::Int, Kind::Text, Kind::Text, Kind::Text, Kind::Text],
             )
             .await
             .map_err(db_error)?;
@@ -600,6 +603,9 @@ impl ViewsQuery {
                 ehr_resource_id: text(&r[3]),
                 ehr_version: text(&r[4]),
                 last_error: text(&r[5]),
+                drift: text(&r[6])
+                    .and_then(|d| serde_json::from_str(&d).ok())
+                    .map(Json),
             })
             .collect();
         let billing = db
@@ -672,6 +678,25 @@ fn discrepancies(
                     row.state,
                     row.attempts,
                     row.last_error.clone().unwrap_or_default()
+                ),
+            ),
+            "blocked" => add(
+                "PHI_TRANSFER_BLOCKED",
+                format!(
+                    "{} was not sent: {}",
+                    row.artifact,
+                    row.last_error.clone().unwrap_or_default()
+                ),
+            ),
+            "drifted" => add(
+                "EHR_DRIFT",
+                format!(
+                    "{} differs in the EHR from what it acknowledged: {}",
+                    row.artifact,
+                    row.drift
+                        .as_ref()
+                        .map(|d| d.0.to_string())
+                        .unwrap_or_default()
                 ),
             ),
             "pending" | "sent" => add(
