@@ -5,10 +5,13 @@
 //!   `fhir export --patient ID --rpm` the patient's RPM readings as Observations.
 //! - `fhir retry --encounter ID --artifact NAME --ehr-url URL` replays one write-back
 //!   (after a dead one was fixed) and records the outcome.
+//! - `fhir reconcile [--since DURATION] --ehr-url URL` reads back what the EHR holds for
+//!   artifacts acknowledged within DURATION (default 24h), records `EhrDriftDetected`
+//!   for each new difference and prints every open one.
 //! - `sandbox-ehr` runs the stand-in FHIR server (not a real EHR; see docs/ehr.md).
 //!
 //! Exit codes: 0 ok; 1 unavailable/internal or the write failed; 2 bad input or unknown
-//! encounter.
+//! encounter; 3 (`reconcile`) drift is open in the EHR.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -27,6 +30,7 @@ use clap::{Args, Subcommand};
 use uuid::Uuid;
 
 const EXIT_BAD_INPUT: u8 = 2;
+const EXIT_DRIFT: u8 = 3;
 
 #[derive(Subcommand)]
 pub enum EhrCommand {
@@ -53,6 +57,21 @@ pub enum FhirCommand {
         tenant: String,
         #[arg(long = "store", env = "CHARTLINE_STORE_URL", default_value = DEFAULT_STORE_URL)]
         store: String,
+    },
+    /// Read back what the EHR holds for recently acknowledged artifacts; record and
+    /// print drift (deleted, status changed, changed by someone else, note missing).
+    Reconcile {
+        /// Check artifacts acknowledged within this long (90s, 15m, 24h, 7d).
+        #[arg(long, default_value = "24h", value_parser = chartline_ehr_connector::reconcile::parse_duration)]
+        since: Duration,
+        #[arg(long = "store", env = "CHARTLINE_STORE_URL", default_value = DEFAULT_STORE_URL)]
+        store: String,
+        #[arg(long, env = "CHARTLINE_EHR_URL")]
+        ehr_url: String,
+        #[arg(long, env = "CHARTLINE_EHR_TOKEN", hide_env_values = true)]
+        ehr_token: Option<String>,
+        #[command(flatten)]
+        ehr_smart: chartline::serve_cmd::EhrSmartArgs,
     },
     /// Replay one write-back now (e.g. after fixing what made it dead).
     Retry {
@@ -138,6 +157,59 @@ pub async fn run(command: EhrCommand) -> anyhow::Result<ExitCode> {
                 JobOutcome::Acknowledged { .. } | JobOutcome::UpToDate => ExitCode::SUCCESS,
                 JobOutcome::NotDue | JobOutcome::Parked(_) => ExitCode::from(EXIT_BAD_INPUT),
                 _ => ExitCode::FAILURE,
+            })
+        }
+        EhrCommand::Fhir(FhirCommand::Reconcile {
+            since,
+            store,
+            ehr_url,
+            ehr_token,
+            ehr_smart,
+        }) => {
+            let store = AnyStore::open(&store)
+                .await
+                .context("opening the event store")?;
+            let auth = ehr_smart.auth(&ehr_url, ehr_token.as_deref(), None).await?;
+            let client = FhirClient::new(EhrEndpoint {
+                base_url: ehr_url,
+                auth,
+                timeout: Duration::from_secs(10),
+            })?;
+            let connector = Connector::new(store.clone(), client);
+            let mut reconciler =
+                chartline_ehr_connector::reconcile::Reconciler::new(store, connector);
+            let report = reconciler.run_once(since, chrono::Utc::now()).await;
+            println!(
+                "checked {} encounters, {} acknowledged artifacts: {} drift findings open, {} newly recorded",
+                report.encounters,
+                report.artifacts,
+                report.drift.len(),
+                report.recorded()
+            );
+            for drift in &report.drift {
+                println!(
+                    "{} encounter {} {} ({} v{}): {} {}: expected {:?}, found {:?}{}",
+                    drift.tenant,
+                    drift.encounter_id,
+                    drift.artifact,
+                    drift.acknowledged,
+                    drift.acknowledged_version,
+                    serde_json::to_string(&drift.finding.kind)?.trim_matches('"'),
+                    drift.finding.resource,
+                    drift.finding.expected,
+                    drift.finding.found,
+                    if drift.new { " (recorded now)" } else { "" }
+                );
+            }
+            for error in &report.errors {
+                eprintln!("error: {error}");
+            }
+            Ok(if !report.errors.is_empty() {
+                ExitCode::FAILURE
+            } else if !report.drift.is_empty() {
+                ExitCode::from(EXIT_DRIFT)
+            } else {
+                ExitCode::SUCCESS
             })
         }
         EhrCommand::SandboxEhr(args) => {

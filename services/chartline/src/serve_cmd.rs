@@ -85,6 +85,13 @@ pub struct ServeArgs {
     /// Static bearer token sent to the EHR.
     #[arg(long, env = "CHARTLINE_EHR_TOKEN", hide_env_values = true)]
     pub ehr_token: Option<String>,
+    /// How often the EHR reconciliation job reads back recently acknowledged artifacts
+    /// and records drift (90s, 15m, …; 0 = off). Runs with component `ehr`.
+    #[arg(long, env = "CHARTLINE_EHR_RECONCILE_INTERVAL", default_value = "60s", value_parser = chartline_ehr_connector::reconcile::parse_duration)]
+    pub ehr_reconcile_interval: Duration,
+    /// How far back reconciliation looks: artifacts acknowledged within this long.
+    #[arg(long, env = "CHARTLINE_EHR_RECONCILE_WINDOW", default_value = "24h", value_parser = chartline_ehr_connector::reconcile::parse_duration)]
+    pub ehr_reconcile_window: Duration,
     #[command(flatten)]
     pub ehr_smart: EhrSmartArgs,
 }
@@ -197,6 +204,8 @@ impl ServeArgs {
             events_stream: chartline_proto::subjects::EVENTS_STREAM.into(),
             ehr_url: None,
             ehr_token: None,
+            ehr_reconcile_interval: Duration::from_secs(60),
+            ehr_reconcile_window: Duration::from_secs(24 * 3_600),
             ehr_smart: EhrSmartArgs::default(),
         }
     }
@@ -491,6 +500,21 @@ pub async fn start(
                 timeout: Duration::from_secs(10),
             })?;
         let connector = chartline_ehr_connector::Connector::new(store.clone(), client);
+        if !args.ehr_reconcile_interval.is_zero() {
+            let reconciler = chartline_ehr_connector::reconcile::Reconciler::new(
+                store.clone(),
+                connector.clone(),
+            );
+            let (interval, window) = (args.ehr_reconcile_interval, args.ehr_reconcile_window);
+            let stop = shutdown_signal(stop);
+            tasks.spawn(async move {
+                let result = reconciler.run(interval, window, stop).await;
+                (
+                    "ehr-reconcile".to_string(),
+                    result.map_err(anyhow::Error::msg),
+                )
+            });
+        }
         let (wake, stop) = (store.head_watch(), shutdown_signal(stop));
         tasks.spawn(async move {
             let result = connector.run(wake, 16, stop).await;

@@ -674,7 +674,27 @@ impl FhirClient {
             }
             break response;
         };
+        // An error answer is not an empty result: reconciliation must never read a 5xx as
+        // "the resource is gone".
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(format!(
+                "search {} {}: HTTP {}: {}",
+                key.resource_type,
+                key.condition(),
+                status.as_u16(),
+                operation_outcome_text(&body)
+            ));
+        }
         let bundle: Value = response.json().await.map_err(|e| e.to_string())?;
+        if bundle["resourceType"] != "Bundle" {
+            return Err(format!(
+                "search {} {}: the answer is not a Bundle",
+                key.resource_type,
+                key.condition()
+            ));
+        }
         Ok(bundle["entry"]
             .as_array()
             .map(|entries| entries.iter().map(|e| e["resource"].clone()).collect())

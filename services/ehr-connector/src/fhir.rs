@@ -219,6 +219,16 @@ pub fn artifact_made_due(event: &EncounterEvent) -> Option<WriteBackArtifact> {
     }
 }
 
+/// Every artifact an encounter event makes due (or changes): [`artifact_made_due`],
+/// plus the Appointment on ConsultationStarted (the mapping turns it `fulfilled`).
+pub fn artifacts_made_due(event: &EncounterEvent) -> Vec<WriteBackArtifact> {
+    let mut artifacts: Vec<WriteBackArtifact> = artifact_made_due(event).into_iter().collect();
+    if matches!(event, EncounterEvent::ConsultationStarted(_)) {
+        artifacts.push(WriteBackArtifact::Appointment);
+    }
+    artifacts
+}
+
 /// A short stable name of an artifact (logs, command-id derivation, CLI).
 pub fn artifact_name(artifact: &WriteBackArtifact) -> String {
     match artifact {

@@ -9,6 +9,8 @@
 //!   signed JWT assertion, RS384/ES384), token cache and refresh.
 //! - [`reactor`]: follows the global log from an event-sourced checkpoint and writes
 //!   each artifact that becomes due, gated on patient identity.
+//! - [`reconcile`]: reads back what the EHR holds for acknowledged artifacts and
+//!   records `EhrDriftDetected` where it differs.
 //! - [`sandbox`]: a stand-in FHIR server with SQLite storage and fault injection — a
 //!   vendor EHR cannot exist here; see docs/ehr.md.
 //!
@@ -21,6 +23,8 @@
 pub mod client;
 pub mod fhir;
 pub mod reactor;
+pub mod reconcile;
+pub mod rpm_writeback;
 pub mod sandbox;
 pub mod smart;
 

@@ -40,7 +40,7 @@ use uuid::Uuid;
 
 use crate::client::{FhirClient, Written};
 use crate::fhir::{
-    EncounterRecord, artifact_made_due, artifact_name, due_artifacts, resources_for,
+    EncounterRecord, artifact_name, artifacts_made_due, due_artifacts, resources_for,
 };
 
 /// Builds a command for a given `at` (re-built when a newer fact forces a later time).
@@ -83,18 +83,18 @@ pub enum JobOutcome {
 
 /// Per-key async mutexes; an entry lives only while someone holds or waits for it.
 #[derive(Default)]
-struct KeyLocks {
+pub(crate) struct KeyLocks {
     map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-struct KeyGuard<'a> {
+pub(crate) struct KeyGuard<'a> {
     locks: &'a KeyLocks,
     key: String,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
 impl KeyLocks {
-    async fn lock(&self, key: String) -> KeyGuard<'_> {
+    pub(crate) async fn lock(&self, key: String) -> KeyGuard<'_> {
         let mutex = {
             let mut map = self.map.lock().expect("key locks");
             map.entry(key.clone()).or_default().clone()
@@ -134,16 +134,16 @@ fn derived_id(parts: &[&str]) -> Uuid {
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
-struct Inner<S: EventStore> {
-    store: S,
-    client: FhirClient,
-    locks: KeyLocks,
-    name: String,
+pub(crate) struct Inner<S: EventStore> {
+    pub(crate) store: S,
+    pub(crate) client: FhirClient,
+    pub(crate) locks: KeyLocks,
+    pub(crate) name: String,
 }
 
 /// The EHR connector for one EHR endpoint.
 pub struct Connector<S: EventStore> {
-    inner: Arc<Inner<S>>,
+    pub(crate) inner: Arc<Inner<S>>,
 }
 
 impl<S: EventStore> Clone for Connector<S> {
@@ -155,7 +155,35 @@ impl<S: EventStore> Clone for Connector<S> {
 }
 
 fn artifact_matches(event: &EncounterEvent, artifact: &WriteBackArtifact) -> bool {
-    artifact_made_due(event).as_ref() == Some(artifact)
+    artifacts_made_due(event).contains(artifact)
+}
+
+/// `(due, covered)` stream versions of one artifact: `due` is its last due-making event;
+/// `covered` is the `WriteBackRequested` behind its last outcome. What that outcome
+/// reports was mapped from the stream as it stood when the request was appended (see
+/// [`Connector::process`]), so the artifact is up to date exactly when `covered > due`.
+/// (Comparing with the outcome's own version is not enough: a due-making event that
+/// lands between a job's read and its request would count as covered while the EHR
+/// got the older content — found by reconciliation.)
+pub(crate) fn write_back_versions(
+    history: &[EventEnvelope],
+    events: &[EncounterEvent],
+    artifact: &WriteBackArtifact,
+) -> (u64, u64) {
+    let (mut due, mut requested, mut covered) = (0, 0, 0);
+    for (envelope, event) in history.iter().zip(events) {
+        if artifact_matches(event, artifact) {
+            due = envelope.stream_version;
+        }
+        if let EncounterEvent::WriteBackRequested(e) = event
+            && &e.artifact == artifact
+        {
+            requested = envelope.stream_version;
+        } else if outcome_artifact(event) == Some(artifact) {
+            covered = requested;
+        }
+    }
+    (due, covered)
 }
 
 fn outcome_artifact(event: &EncounterEvent) -> Option<&WriteBackArtifact> {
@@ -187,7 +215,7 @@ impl<S: EventStore> Connector<S> {
         &self.inner.client
     }
 
-    async fn identity(
+    pub(crate) async fn identity(
         &self,
         tenant: &TenantId,
         patient_id: Uuid,
@@ -280,21 +308,12 @@ impl<S: EventStore> Connector<S> {
             Ok(loaded) => loaded,
             Err(error) => return JobOutcome::Error(error),
         };
-        let mut due_version = 0;
-        let mut outcome_version = 0;
-        for (envelope, event) in history.iter().zip(&events) {
-            if artifact_matches(event, &job.artifact) {
-                due_version = envelope.stream_version;
-            }
-            if outcome_artifact(event) == Some(&job.artifact) {
-                outcome_version = envelope.stream_version;
-            }
-        }
-        let record = EncounterRecord::from_events(job.tenant.as_str(), &events);
+        let (due_version, covered_version) = write_back_versions(&history, &events, &job.artifact);
+        let mut record = EncounterRecord::from_events(job.tenant.as_str(), &events);
         if due_version == 0 || !due_artifacts(&record.state).contains(&job.artifact) {
             return JobOutcome::NotDue;
         }
-        if job.replay.is_none() && outcome_version > due_version {
+        if job.replay.is_none() && covered_version > due_version {
             return JobOutcome::UpToDate;
         }
         let Some(patient_id) = record.state.patient_id() else {
@@ -337,8 +356,24 @@ impl<S: EventStore> Connector<S> {
                 at,
             )
             .await;
-        if let CommandReply::Rejected { code, message } = requested {
-            return JobOutcome::Error(format!("RequestWriteBack rejected ({code:?}): {message}"));
+        let requested_version = match requested {
+            CommandReply::Rejected { code, message } => {
+                return JobOutcome::Error(format!(
+                    "RequestWriteBack rejected ({code:?}): {message}"
+                ));
+            }
+            CommandReply::Accepted { version, .. } => version,
+        };
+        // Map from the stream as it stood at the request: when anything landed between
+        // our read and the request (or the request was an earlier attempt's), read again.
+        let loaded_version = history.last().map_or(0, |e| e.stream_version);
+        if requested_version != loaded_version + 1 {
+            match self.load(&job.tenant, &job.stream).await {
+                Ok((_, events)) => {
+                    record = EncounterRecord::from_events(job.tenant.as_str(), &events);
+                }
+                Err(error) => return JobOutcome::Error(error),
+            }
         }
         let mut first: Option<Written> = None;
         let mut failure = None;
@@ -426,6 +461,9 @@ impl<S: EventStore> Connector<S> {
 
     /// Every artifact due for one encounter (after an identity resolution).
     async fn process_all_due(&self, tenant: &TenantId, stream: &StreamId) {
+        if stream.category() == "rpm" {
+            return self.process_all_observations_due(tenant, stream).await;
+        }
         let Ok((_, events)) = self.load(tenant, stream).await else {
             return;
         };
@@ -494,6 +532,10 @@ impl<S: EventStore> Connector<S> {
                         Work::AllDue(tenant, stream) => {
                             connector.process_all_due(&tenant, &stream).await
                         }
+                        Work::Observations(job) => {
+                            let outcome = connector.process_observations(&job).await;
+                            crate::rpm_writeback::log_observation_outcome(&job, &outcome)
+                        }
                     }
                     let mut map = in_flight.lock().expect("in flight");
                     if let Some(count) = map.get_mut(&position) {
@@ -535,7 +577,8 @@ impl<S: EventStore> Connector<S> {
                 if let EncounterEvent::Scheduled(scheduled) = &decoded {
                     index.add(tenant, scheduled.patient_id, &event.stream_id);
                 }
-                artifact_made_due(&decoded)
+                artifacts_made_due(&decoded)
+                    .into_iter()
                     .map(|artifact| {
                         Work::Job(Job {
                             tenant: tenant.clone(),
@@ -544,9 +587,23 @@ impl<S: EventStore> Connector<S> {
                             replay: None,
                         })
                     })
-                    .into_iter()
                     .collect()
             }
+            "rpm" => match decode::<chartline_domain::rpm::RpmEvent>(event) {
+                Ok(chartline_domain::rpm::RpmEvent::Enrolled { patient_id, .. }) => {
+                    index.add(tenant, patient_id, &event.stream_id);
+                    vec![]
+                }
+                Ok(chartline_domain::rpm::RpmEvent::ReadingsRecorded { batch_id, .. }) => {
+                    vec![Work::Observations(crate::rpm_writeback::ObservationJob {
+                        tenant: tenant.clone(),
+                        stream: event.stream_id.clone(),
+                        batch_id,
+                        replay: None,
+                    })]
+                }
+                _ => vec![],
+            },
             "patient"
                 if matches!(
                     event.event_type.as_str(),
@@ -568,7 +625,9 @@ impl<S: EventStore> Connector<S> {
 
 enum Work {
     Job(Job),
+    /// Everything due on an encounter or RPM enrolment stream.
     AllDue(TenantId, StreamId),
+    Observations(crate::rpm_writeback::ObservationJob),
 }
 
 fn low_watermark(in_flight: &Mutex<BTreeMap<u64, usize>>, dispatched: u64) -> u64 {
@@ -593,8 +652,8 @@ fn log_outcome(job: &Job, outcome: &JobOutcome) {
     }
 }
 
-/// Patient → encounter streams, so an identity resolution can release what it blocked,
-/// also for encounters scheduled before the checkpoint (built by one scan at start).
+/// Patient → encounter and RPM enrolment streams, so an identity resolution can release
+/// what it blocked, also for streams begun before the checkpoint (one scan at start).
 #[derive(Default)]
 struct PatientIndex {
     encounters: HashMap<(TenantId, Uuid), BTreeSet<StreamId>>,
@@ -621,18 +680,21 @@ impl PatientIndex {
             let page = store.read_all(&ReadScope::AllTenants, after, 5_000).await?;
             let Some(last) = page.last() else { break };
             after = last.global_position;
-            for event in page.iter().filter(|e| {
-                e.global_position <= up_to
-                    && e.category() == "encounter"
-                    && e.event_type == "Scheduled"
-            }) {
-                if let Ok(EncounterEvent::Scheduled(scheduled)) = decode::<EncounterEvent>(event) {
-                    self.add(
-                        &event.metadata.tenant,
-                        scheduled.patient_id,
-                        &event.stream_id,
-                    );
-                }
+            for event in page.iter().filter(|e| e.global_position <= up_to) {
+                let patient_id = match (event.category(), event.event_type.as_str()) {
+                    ("encounter", "Scheduled") => match decode::<EncounterEvent>(event) {
+                        Ok(EncounterEvent::Scheduled(scheduled)) => scheduled.patient_id,
+                        _ => continue,
+                    },
+                    ("rpm", "Enrolled") => match decode::<chartline_domain::rpm::RpmEvent>(event) {
+                        Ok(chartline_domain::rpm::RpmEvent::Enrolled { patient_id, .. }) => {
+                            patient_id
+                        }
+                        _ => continue,
+                    },
+                    _ => continue,
+                };
+                self.add(&event.metadata.tenant, patient_id, &event.stream_id);
             }
         }
         Ok(())

@@ -8,7 +8,8 @@
 //!
 //! Supported: `POST /{type}` (create; conditional create with `If-None-Exist`: 0 matches
 //! → 201, 1 → 200 with the existing resource, >1 → 412), `GET /{type}/{id}`,
-//! `PUT /{type}/{id}` (with `If-Match: W/"n"`: stale → 412), `GET /{type}?identifier=…`
+//! `PUT /{type}/{id}` (with `If-Match: W/"n"`: stale → 412), `DELETE /{type}/{id}`,
+//! `GET /{type}?identifier=…`
 //! and `?_tag=…` (searchset Bundle), `GET /{type}/{id}/_history[/{vid}]`, `POST /`
 //! (transaction Bundle of creates/conditional creates/updates), `GET /metadata`, an
 //! optional static bearer token, and an optional SMART Backend Services token endpoint
@@ -189,7 +190,7 @@ impl SandboxEhr {
             .route("/", post(transaction))
             .route("/metadata", get(metadata))
             .route("/{rtype}", post(create).get(search))
-            .route("/{rtype}/{id}", get(read).put(update))
+            .route("/{rtype}/{id}", get(read).put(update).delete(delete))
             .route("/{rtype}/{id}/_history", get(history))
             .route("/{rtype}/{id}/_history/{vid}", get(read_version))
             .layer(middleware::from_fn_with_state(state.clone(), fhir_guard));
@@ -704,6 +705,35 @@ async fn create(
             "duplicate",
             format!("{n} resources match the If-None-Exist condition"),
         ),
+    }
+}
+
+/// `DELETE /{type}/{id}`: removes the current version and its search keys (history
+/// keeps the earlier versions), as a clinician or an interface would in a real EHR.
+/// Tests use it to change the EHR behind the connector's back (reconciliation).
+async fn delete(
+    State(state): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+) -> Response {
+    let _guard = state.write_lock.lock().await;
+    let result: Result<(), sqlx::Error> = async {
+        let mut tx = state.pool.begin().await?;
+        sqlx::query("DELETE FROM resources WHERE rtype = ? AND id = ?")
+            .bind(&rtype)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM search_keys WHERE rtype = ? AND id = ?")
+            .bind(&rtype)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+    .await;
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(error) => internal(error),
     }
 }
 

@@ -4,4 +4,6 @@
 
 mod connector;
 mod mapping;
+mod reconcile;
+mod rpm;
 mod smart;
