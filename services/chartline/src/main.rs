@@ -83,6 +83,9 @@ enum Command {
     /// The load and fault suite (`make soak`): the distributed deployment under load and
     /// chaos, then the invariants. Exit 1 when any fails.
     Soak(soak_cmd::SoakArgs),
+    /// The compliance map: components, BAA coverage, data flows (`compliance map`).
+    #[command(subcommand)]
+    Compliance(chartline::compliance_cmd::ComplianceCommand),
     /// EHR write-back: `fhir export|retry`, and `sandbox-ehr` (a stand-in FHIR server).
     #[command(flatten)]
     Ehr(ehr_cmd::EhrCommand),
@@ -137,6 +140,7 @@ fn main() -> std::process::ExitCode {
         } => block_on(projections_cmd::run(store, args, command)),
         Command::Bench(command) => block_on(bench_cmd::run(command)),
         Command::Ehr(command) => block_on(ehr_cmd::run(command)),
+        Command::Compliance(command) => chartline::compliance_cmd::run(command),
         Command::Serve { store, args } => block_on(serve_cmd::run(args, store.url)),
         Command::Send(args) => block_on(send_cmd::run(args)),
         Command::Soak(args) => block_on(soak_cmd::run(args)),

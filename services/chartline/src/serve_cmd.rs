@@ -94,6 +94,14 @@ pub struct ServeArgs {
     pub ehr_reconcile_window: Duration,
     #[command(flatten)]
     pub ehr_smart: EhrSmartArgs,
+    /// Compliance map TOML (default: the shipped `compliance/default.toml`). The EHR
+    /// connector refuses to send PHI to an EHR whose BAA is not in effect.
+    #[arg(long, env = "CHARTLINE_COMPLIANCE_MAP")]
+    pub compliance_map: Option<std::path::PathBuf>,
+    /// This EHR's component id in the compliance map (default: `sandbox-ehr` for the
+    /// sandbox, else the EHR component whose `endpoint` is the EHR URL).
+    #[arg(long, env = "CHARTLINE_EHR_COMPONENT")]
+    pub ehr_component: Option<String>,
 }
 
 /// SMART Backend Services authorization to the EHR (instead of a static token). With
@@ -207,6 +215,8 @@ impl ServeArgs {
             ehr_reconcile_interval: Duration::from_secs(60),
             ehr_reconcile_window: Duration::from_secs(24 * 3_600),
             ehr_smart: EhrSmartArgs::default(),
+            compliance_map: None,
+            ehr_component: None,
         }
     }
 
@@ -495,11 +505,34 @@ pub async fn start(
             .await?;
         let client =
             chartline_ehr_connector::FhirClient::new(chartline_ehr_connector::EhrEndpoint {
-                base_url,
+                base_url: base_url.clone(),
                 auth,
                 timeout: Duration::from_secs(10),
             })?;
-        let connector = chartline_ehr_connector::Connector::new(store.clone(), client);
+        let map = crate::compliance_cmd::load_map(args.compliance_map.as_deref())?;
+        let component = match (&args.ehr_component, args.ehr_url.as_deref()) {
+            (Some(component), _) => component.clone(),
+            (None, Some("sandbox")) => "sandbox-ehr".to_string(),
+            (None, _) => map
+                .components
+                .iter()
+                .find(|c| {
+                    c.kind == chartline_domain::compliance::ComponentKind::Ehr
+                        && c.endpoint.as_deref().map(|e| e.trim_end_matches('/'))
+                            == Some(base_url.trim_end_matches('/'))
+                })
+                .map_or_else(|| base_url.clone(), |c| c.id.clone()),
+        };
+        if !matches!(
+            map.coverage(&component, chrono::Utc::now()),
+            chartline_domain::compliance::Coverage::Covered { .. }
+        ) {
+            eprintln!(
+                "warning: the EHR ({component}) is not covered for PHI in the compliance map now; write-backs will be blocked (chartline compliance map)"
+            );
+        }
+        let connector = chartline_ehr_connector::Connector::new(store.clone(), client)
+            .with_compliance(std::sync::Arc::new(map), &component);
         if !args.ehr_reconcile_interval.is_zero() {
             let reconciler = chartline_ehr_connector::reconcile::Reconciler::new(
                 store.clone(),

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chartline_domain::Aggregate;
+use chartline_domain::compliance::{ComplianceMap, DataClass};
 use chartline_domain::encounter::{Encounter, EncounterCommand, EncounterEvent, WriteBackArtifact};
 use chartline_domain::patient::{IdentityStatus, Patient, PatientEvent};
 use chartline_infra::EventStore;
@@ -73,6 +74,9 @@ pub enum JobOutcome {
     },
     /// Identity pending or in review: nothing sent, nothing recorded.
     Parked(IdentityStatus),
+    /// The compliance map refused: the EHR is not covered for PHI now. Nothing sent;
+    /// `PhiTransferBlocked` recorded (once per refusal).
+    Blocked { component: String, reason: String },
     /// The last outcome already covers the latest change.
     UpToDate,
     /// Not due (the encounter has no such artifact yet).
@@ -139,6 +143,26 @@ pub(crate) struct Inner<S: EventStore> {
     pub(crate) client: FhirClient,
     pub(crate) locks: KeyLocks,
     pub(crate) name: String,
+    pub(crate) compliance: Option<ComplianceGate>,
+}
+
+/// The compliance map and this EHR's component id in it: every write is checked
+/// against the BAA coverage at the moment of sending (deny by default).
+#[derive(Debug, Clone)]
+pub struct ComplianceGate {
+    pub map: Arc<ComplianceMap>,
+    pub component: String,
+}
+
+/// The data class an artifact carries to the EHR (all PHI).
+pub fn artifact_data_class(artifact: &WriteBackArtifact) -> DataClass {
+    match artifact {
+        WriteBackArtifact::Appointment | WriteBackArtifact::Encounter => DataClass::EncounterRecord,
+        WriteBackArtifact::DocumentReference | WriteBackArtifact::Task { .. } => {
+            DataClass::ClinicalDocumentation
+        }
+        WriteBackArtifact::ChargeItem => DataClass::Billing,
+    }
 }
 
 /// The EHR connector for one EHR endpoint.
@@ -207,8 +231,21 @@ impl<S: EventStore> Connector<S> {
                 client,
                 locks: KeyLocks::default(),
                 name: name.to_string(),
+                compliance: None,
             }),
         }
+    }
+
+    /// Checks every write against the compliance map (`component` = this EHR's id in
+    /// it). Call right after construction, before the connector is cloned or run.
+    pub fn with_compliance(mut self, map: Arc<ComplianceMap>, component: &str) -> Connector<S> {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_compliance is called before the connector is shared")
+            .compliance = Some(ComplianceGate {
+            map,
+            component: component.to_string(),
+        });
+        self
     }
 
     pub fn client(&self) -> &FhirClient {
@@ -343,6 +380,35 @@ impl<S: EventStore> Connector<S> {
             .map_or_else(Uuid::now_v7, |e| e.metadata.correlation_id);
         let at = record.state.last_event_at.unwrap_or_else(Utc::now);
         let artifact = job.artifact.clone();
+        if let Some(gate) = &self.inner.compliance
+            && let Err(blocked) =
+                gate.map
+                    .check(&gate.component, artifact_data_class(&artifact), Utc::now())
+        {
+            tracing::warn!(stream = %job.stream, artifact = %name, %blocked, "EHR write-back refused by the compliance map");
+            let (component, reason) = (blocked.component.clone(), blocked.reason.to_string());
+            let reply = self
+                .command(
+                    job,
+                    ids("phi-transfer-blocked"),
+                    correlation,
+                    |at| EncounterCommand::RecordPhiTransferBlocked {
+                        artifact: artifact.clone(),
+                        component: component.clone(),
+                        reason: reason.clone(),
+                        checked_at: blocked.at,
+                        at,
+                    },
+                    at,
+                )
+                .await;
+            return match reply {
+                CommandReply::Accepted { .. } => JobOutcome::Blocked { component, reason },
+                CommandReply::Rejected { code, message } => JobOutcome::Error(format!(
+                    "recording PhiTransferBlocked was rejected ({code:?}): {message}"
+                )),
+            };
+        }
         let requested = self
             .command(
                 job,
