@@ -53,6 +53,7 @@ pub(crate) async fn spawn_app() -> App {
         bus: runtime.bus.clone(),
         root: runtime.root.clone(),
         read_db: Some(chartline_projections::db::ReadDb::open(&url).await.unwrap()),
+        compliance_map: compliance_map(),
     })
     .await
     .unwrap();
@@ -506,4 +507,71 @@ fn committed_sdl_matches_the_code() {
         committed == sdl,
         "services/api/schema.graphql drifted from the code; regenerate with `make schemas` and commit"
     );
+}
+
+/// The shipped map plus an EHR whose BAA ended: its PHI flow must show as blocked.
+fn compliance_map() -> chartline_domain::compliance::ComplianceMap {
+    let extra = r#"
+[[component]]
+id = "legacy-ehr"
+name = "Legacy EHR (BAA ended)"
+kind = "ehr"
+handles_phi = true
+endpoint = "https://legacy.example/fhir"
+baa = { effective_from = "2026-01-01", effective_to = "2026-08-31" }
+
+[[flow]]
+from = "ehr-connector"
+to = "legacy-ehr"
+data = ["clinical_documentation"]
+"#;
+    chartline_proto::compliance_map::parse_compliance_map(&format!(
+        "{}\n{extra}",
+        chartline_proto::compliance_map::DEFAULT_MAP.1
+    ))
+    .expect("valid test map")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compliance_map_shows_every_flow_and_its_coverage_at_a_moment() {
+    let app = spawn_app().await;
+    let query = "query($at: String) { complianceMap(at: $at) }";
+    // Clinicians do not administer the map.
+    let (_, body) = gql(
+        app.port,
+        Some(token(&app, "clinic-a", &[Role::Clinician])),
+        query,
+        json!({}),
+    )
+    .await;
+    assert_eq!(error_code(&body), Some("FORBIDDEN"), "{body}");
+    let ops = Some(token(&app, "clinic-a", &[Role::Ops]));
+    let flow = |body: &Value, to: &str| {
+        body["data"]["complianceMap"]["flows"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{body}"))
+            .iter()
+            .find(|f| f["to"] == to)
+            .cloned()
+            .unwrap_or_else(|| panic!("no flow to {to}: {body}"))
+    };
+    // While the legacy BAA was in force, nothing is blocked.
+    let (_, before) = gql(
+        app.port,
+        ops.clone(),
+        query,
+        json!({"at": "2026-06-01T00:00:00Z"}),
+    )
+    .await;
+    assert_eq!(flow(&before, "legacy-ehr")["blocked"], false, "{before}");
+    assert_eq!(before["data"]["complianceMap"]["blocked_phi_flows"], 0);
+    // After it ended, the PHI flow to it is blocked; the sandbox EHR stays covered.
+    let (_, now) = gql(app.port, ops.clone(), query, json!({})).await;
+    let legacy = flow(&now, "legacy-ehr");
+    assert_eq!(legacy["blocked"], true, "{now}");
+    assert_eq!(legacy["carries_phi"], true);
+    assert_eq!(flow(&now, "sandbox-ehr")["blocked"], false, "{now}");
+    assert_eq!(now["data"]["complianceMap"]["blocked_phi_flows"], 1);
+    let (_, bad) = gql(app.port, ops, query, json!({"at": "yesterday"})).await;
+    assert_eq!(error_code(&bad), Some("BAD_USER_INPUT"), "{bad}");
 }

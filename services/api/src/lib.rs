@@ -60,6 +60,8 @@ pub struct ApiConfig {
     pub root: String,
     /// Read models (projections); list queries need them.
     pub read_db: Option<chartline_projections::db::ReadDb>,
+    /// The compliance map `complianceMap` shows (the deployment's, as loaded by `serve`).
+    pub compliance_map: chartline_domain::compliance::ComplianceMap,
 }
 
 #[derive(Default)]
@@ -297,6 +299,7 @@ impl Api {
             root: config.root,
             live: live.clone(),
             read_db: config.read_db,
+            compliance_map: Arc::new(config.compliance_map),
         });
         let app = AppState {
             schema,

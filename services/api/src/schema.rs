@@ -42,6 +42,7 @@ pub struct ApiState {
     /// Committed events, fanned out to subscriptions once the read models have them.
     pub live: Arc<crate::live::Live>,
     pub read_db: Option<chartline_projections::db::ReadDb>,
+    pub compliance_map: Arc<chartline_domain::compliance::ComplianceMap>,
 }
 
 /// PHI read during one request: (patient id, field). Written to the audit log after

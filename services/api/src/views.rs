@@ -569,6 +569,29 @@ impl ViewsQuery {
         })
     }
 
+    /// Every external component data can flow to (EHR endpoints, the AI scribe vendor,
+    /// recording storage, the video vendor), whether it handles PHI, its BAA coverage,
+    /// and every declared data flow with its coverage, as of `at` (RFC 3339; default
+    /// now). A PHI flow to a component not covered then is `blocked`: the services
+    /// refuse those transfers and record `PhiTransferBlocked`.
+    async fn compliance_map(
+        &self,
+        ctx: &Context<'_>,
+        at: Option<String>,
+    ) -> async_graphql::Result<Json<chartline_domain::compliance::ComplianceView>> {
+        require_roles(ctx, &[Role::Ops, Role::Platform, Role::Auditor])?;
+        let at = match at {
+            None => chrono::Utc::now(),
+            Some(text) => chrono::DateTime::parse_from_rfc3339(&text)
+                .map_err(|_| api_error(ApiErrorCode::BadInput, "at must be RFC 3339"))?
+                .with_timezone(&chrono::Utc),
+        };
+        let map = &ctx
+            .data_unchecked::<crate::schema::ApiState>()
+            .compliance_map;
+        Ok(Json(map.flows_at(at)))
+    }
+
     /// Event-sourced state + EHR acknowledgement state + billing state, and the
     /// discrepancies between them.
     #[graphql(complexity = "100 + child_complexity")]

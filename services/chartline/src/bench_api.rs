@@ -90,6 +90,7 @@ async fn deploy() -> anyhow::Result<Deployment> {
         bus: runtime.bus.clone(),
         root: runtime.root.clone(),
         read_db: Some(chartline_projections::db::ReadDb::open(&url).await?),
+        compliance_map: chartline_proto::compliance_map::default_compliance_map(),
     })
     .await?;
     let port = api.port();

@@ -432,6 +432,7 @@ pub async fn start(
                 bus: runtime.bus.clone(),
                 root: root.clone(),
                 read_db: Some(read_db),
+                compliance_map: crate::compliance_cmd::load_map(args.compliance_map.as_deref())?,
             })
             .await
             .with_context(|| format!("starting the API on {}", args.listen))?;
