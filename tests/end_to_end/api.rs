@@ -30,6 +30,12 @@ pub(crate) struct App {
 }
 
 pub(crate) async fn spawn_app() -> App {
+    spawn_app_with(|_| {}).await
+}
+
+/// The embedded deployment without the API component (the test builds its own API);
+/// `customize` may change the serve arguments (e.g. add the EHR connector).
+pub(crate) async fn spawn_app_with(customize: impl FnOnce(&mut ServeArgs)) -> App {
     let dir = std::env::temp_dir().join(format!("chartline_t_{}", Uuid::new_v4().simple()));
     let mut args = ServeArgs::embedded(&["clinic-a", "clinic-b"]);
     args.only = serve_cmd::COMPONENTS
@@ -37,6 +43,7 @@ pub(crate) async fn spawn_app() -> App {
         .filter(|c| !["api", "relay", "store", "ehr"].contains(c))
         .map(|c| c.to_string())
         .collect();
+    customize(&mut args);
     let selected = args.selected().unwrap();
     let url = format!("sqlite://{}/events.db", dir.display());
     let runtime = serve_cmd::connect(&args, &url, &selected).await.unwrap();

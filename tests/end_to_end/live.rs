@@ -25,7 +25,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::api::{App, gql, spawn_app, token};
+use crate::api::{App, gql, spawn_app, spawn_app_with, token};
 use crate::embedded::{reference_visit, run_lifecycle, tenant};
 
 fn browser_dir() -> PathBuf {
@@ -374,4 +374,106 @@ async fn the_dashboard_updates_live_in_headless_chromium() {
     assert_eq!(tiles["completed"], "1", "{tiles}");
     assert!(shot.exists(), "no screenshot at {}", shot.display());
     let _ = page.child.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_back_failures_reach_subscribers_and_the_reconciled_view() {
+    // A sandbox EHR that wants one token; the connector presents another: every write
+    // is a 401, which is dead at once (not retried) and recorded as WriteBackFailed.
+    let dir = std::env::temp_dir().join(format!("chartline_ehr_{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sandbox = chartline_ehr_connector::SandboxEhr::build(
+        "127.0.0.1:0",
+        chartline_ehr_connector::sandbox::SandboxConfig {
+            database_url: format!("sqlite://{}/sandbox.db", dir.display()),
+            bearer_token: Some("the-right-token".into()),
+            smart: None,
+        },
+    )
+    .await
+    .unwrap();
+    let ehr_url = sandbox.base_url();
+    tokio::spawn(sandbox.run_until_stopped(std::future::pending()));
+    let app = spawn_app_with(|args| {
+        args.only.push("ehr".into());
+        args.ehr_url = Some(ehr_url.clone());
+        args.ehr_token = Some("a-wrong-token".into());
+        args.ehr_component = Some("sandbox-ehr".into());
+        args.ehr_reconcile_interval = Duration::ZERO;
+    })
+    .await;
+    let ops = token(&app, "clinic-a", &[Role::Ops, Role::Platform]);
+    let mut client = ws_client(
+        &app,
+        Some(&ops),
+        &[
+            "subscription { writeBackFailed { encounterId eventType artifact status message retryable } }",
+        ],
+        None,
+    );
+    connected(&mut client).await;
+    // The patient's identity must be resolved before anything may reach a chart.
+    let visit = reference_visit(false);
+    let registration = Step {
+        service: "identity",
+        command: "register",
+        actor: Actor::new(ActorKind::Staff, "registrar-1"),
+        payload: json!({
+            "patient_id": visit.patient_id,
+            "demographics": {
+                "given_name": "Wren", "family_name": format!("Synthetic{}", visit.patient_id.simple()),
+                "birth_date": "1958-09-30", "sex": "female",
+                "address_line": "7 Fictional Lane", "city": "Springfield", "state": "IL",
+                "postal_code": "62704", "phone": "(217) 555-0199", "email": null,
+                "time_zone": "America/Chicago",
+            },
+            "at": "2026-03-01T09:00:00Z",
+        }),
+        command_id: Uuid::now_v7(),
+    };
+    let reply = scenario::send(
+        &app.runtime.bus,
+        &app.runtime.root,
+        &tenant(),
+        &registration,
+    )
+    .await;
+    assert!(matches!(reply, CommandReply::Accepted { .. }), "{reply:?}");
+    run_lifecycle(&app.runtime, &visit).await;
+
+    let lines = client
+        .until(Duration::from_secs(60), |l| {
+            l["payload"]["data"]["writeBackFailed"]["artifact"]["resource"] == "document_reference"
+        })
+        .await;
+    let failures: Vec<&Value> = lines
+        .iter()
+        .filter_map(|l| l["payload"]["data"].get("writeBackFailed"))
+        .collect();
+    assert!(!failures.is_empty(), "{lines:#?}");
+    for failure in &failures {
+        assert_eq!(
+            failure["encounterId"],
+            visit.encounter_id.to_string(),
+            "{failure}"
+        );
+        assert_eq!(failure["eventType"], "WriteBackFailed");
+        assert_eq!(failure["status"], 401, "{failure}");
+        assert_eq!(
+            failure["retryable"], false,
+            "a 401 is dead, not retried: {failure}"
+        );
+    }
+    // The reconciled view says the same, from the read models.
+    let (_, body) = gql(
+        app.port,
+        Some(ops),
+        "query($id: ID!) { reconciledEncounter(id: $id) { ehr { artifact state } discrepancies { code } } }",
+        json!({"id": visit.encounter_id}),
+    )
+    .await;
+    let codes = body["data"]["reconciledEncounter"]["discrepancies"].to_string();
+    assert!(codes.contains("WRITE_BACK_FAILED"), "{body}");
+    let _ = client.child.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
