@@ -48,5 +48,6 @@ else
 fi
 
 status=0
-"$BIN" soak "$@" || status=$?
+# The soak's own log: errors only (its database pools see every PostgreSQL restart).
+CHARTLINE_LOG=${CHARTLINE_LOG:-error} "$BIN" soak "$@" || status=$?
 exit "$status"
