@@ -318,6 +318,7 @@ async fn subscriber(
 
 pub async fn run(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
     let deployment = deploy().await?;
+    chartline_ehr_connector::client::install_crypto_provider();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency * 2)
         .build()?;

@@ -6,19 +6,21 @@
 //! same day again against the same store is a retry — nothing is duplicated.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
 use chartline::scenario::{self, Visit};
 use chartline::serve_cmd::{self, ServeArgs};
+use chartline_ehr_connector::SandboxEhr;
+use chartline_ehr_connector::sandbox::{Faults, SandboxConfig};
 use chartline_infra::store::read_whole_stream;
 use chartline_infra::{EventStore, ReadScope};
-use chartline_proto::commands::CommandReply;
+use chartline_proto::commands::{CommandReply, RejectionCode};
 use chartline_proto::{Actor, ActorKind, StreamId, TenantId};
 use chrono::{TimeZone, Utc};
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -42,6 +44,10 @@ pub struct DemoArgs {
     /// Commands in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// Share of the sandbox EHR's FHIR requests that fail (5xx, 429, timeouts, dropped
+    /// connections); the connector retries them. 0 turns faults off.
+    #[arg(long, default_value_t = 0.1)]
+    pub ehr_fault_rate: f64,
 }
 
 const TENANT: &str = "demo-clinic";
@@ -90,7 +96,7 @@ async fn drive(
         steps.push(closing);
     }
     for step in &steps {
-        match scenario::send(&runtime.bus, &runtime.root, tenant, step).await {
+        match send(runtime, tenant, step).await {
             CommandReply::Accepted { .. } => sent += 1,
             CommandReply::Rejected { code, message } => {
                 anyhow::bail!(
@@ -105,15 +111,51 @@ async fn drive(
 }
 
 pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> {
+    let (stop, stopped) = watch::channel(false);
+    // The sandbox EHR: a stand-in for a vendor EHR (docs/ehr.md), in this process, with
+    // its SQLite file next to the store's, and faults injected on demand.
+    let sandbox = SandboxEhr::build(
+        "127.0.0.1:0",
+        SandboxConfig {
+            database_url: sandbox_database(&store_url),
+            bearer_token: None,
+            smart: None,
+        },
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let ehr_url = sandbox.base_url();
+    let mut sandbox_stop = stopped.clone();
+    tokio::spawn(sandbox.run_until_stopped(async move {
+        let _ = sandbox_stop.changed().await;
+    }));
+    chartline_ehr_connector::client::install_crypto_provider();
+    let http = reqwest::Client::new();
+    if args.ehr_fault_rate > 0.0 {
+        let faults = Faults {
+            error_rate: args.ehr_fault_rate.min(0.9),
+            kinds: ["500", "503", "429", "timeout", "drop"]
+                .map(String::from)
+                .to_vec(),
+            seed: args.seed,
+            timeout_ms: 400,
+            retry_after_seconds: 1,
+            ..Faults::default()
+        };
+        http.post(format!("{ehr_url}/_faults"))
+            .json(&faults)
+            .send()
+            .await?
+            .error_for_status()?;
+    }
     let serve = ServeArgs {
         listen: args.listen.clone(),
-        // The in-process sandbox EHR: a stand-in for a vendor EHR (docs/ehr.md).
-        ehr_url: Some("sandbox".into()),
+        ehr_url: Some(ehr_url.clone()),
+        ehr_component: Some("sandbox-ehr".into()),
         ..ServeArgs::embedded(&[TENANT])
     };
     let selected = serve.selected()?;
     let runtime = serve_cmd::connect(&serve, &store_url, &selected).await?;
-    let (stop, stopped) = watch::channel(false);
     let mut tasks = serve_cmd::start(&serve, &runtime, &selected, &stopped).await?;
     let tenant = TenantId::parse(TENANT)?;
     let day = Utc
@@ -147,7 +189,7 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
             twin_of.is_some(),
             args.seed,
         );
-        match scenario::send(&runtime.bus, &runtime.root, &tenant, &step).await {
+        match send(&runtime, &tenant, &step).await {
             CommandReply::Accepted { .. } => {}
             CommandReply::Rejected { code, message } => {
                 anyhow::bail!("register rejected ({code:?}): {message}")
@@ -171,15 +213,18 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
         });
     }
     let mut commands = 0u64;
-    let mut done = 0u64;
+    let bar = ProgressBar::new(args.encounters).with_style(ProgressStyle::with_template(
+        "  encounters {bar:30} {pos}/{len} ({per_sec}, ETA {eta})",
+    )?);
     while let Some(result) = runs.join_next().await {
         commands += u64::from(result??);
-        done += 1;
-        eprint!("\r  encounters driven {done}/{} ", args.encounters);
-        let _ = std::io::stderr().flush();
+        bar.inc(1);
     }
+    bar.finish();
+    // RPM patients: a month of home readings each, through the same command path.
+    let rpm = rpm_month(&runtime, &tenant, &visits, args.seed).await?;
+    commands += rpm.commands;
     let drive_seconds = started.elapsed().as_secs_f64();
-    eprintln!();
 
     // Wait for the billing reactor to code every signed note.
     let signed: Vec<&Visit> = visits
@@ -250,6 +295,8 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
     // Everything below is read back from the store and the read models.
     let mut identity: BTreeMap<String, u64> = BTreeMap::new();
     let mut acknowledged = 0u64;
+    let mut rpm_alerts = 0u64;
+    let mut rpm_readings = 0u64;
     let mut tenant_events = 0u64;
     let mut after = 0;
     loop {
@@ -268,6 +315,10 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
                     *identity.entry(event.event_type.clone()).or_default() += 1;
                 }
                 "WriteBackSucceeded" => acknowledged += 1,
+                "ThresholdBreached" => rpm_alerts += 1,
+                "ReadingsRecorded" => {
+                    rpm_readings += event.data["readings"].as_array().map_or(0, Vec::len) as u64;
+                }
                 _ => {}
             }
         }
@@ -284,6 +335,26 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
         TENANT,
     )
     .await?;
+    let rpm_billing = count_by(
+        &read_db,
+        "SELECT kind || ' ' || status || COALESCE(' ' || codes, ''), COUNT(*) FROM billing_queue \
+         WHERE tenant = ? AND kind LIKE 'rpm%' GROUP BY 1",
+        TENANT,
+    )
+    .await?;
+    let injected: BTreeMap<String, u64> = http
+        .get(format!("{ehr_url}/_faults"))
+        .send()
+        .await?
+        .json::<serde_json::Value>()
+        .await?["injected"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
     let headline =
         chartline_projections::models::integration_completeness::headline(&read_db, Some(TENANT))
             .await?;
@@ -313,6 +384,16 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
         "  EHR write-back          {acknowledged} artifacts acknowledged by the sandbox EHR; by state: {}",
         fmt_counts(&write_backs)
     );
+    println!(
+        "  EHR faults injected     {} (retried by the connector: {})",
+        injected.values().sum::<u64>(),
+        fmt_counts(&injected)
+    );
+    println!(
+        "  RPM                     {} patients enrolled, {rpm_readings} readings, {rpm_alerts} threshold alerts",
+        rpm.enrolled
+    );
+    println!("  RPM billing             {}", fmt_counts(&rpm_billing));
     println!(
         "  integration             {:.1}% of {} encounters fully automated; {:.2} manual touches per encounter ({} manual code picks)",
         headline.percent_fully_automated,
@@ -352,6 +433,11 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
             "billing_queue": queue,
             "ehr_acknowledged": acknowledged,
             "ehr_write_backs": write_backs,
+            "ehr_faults_injected": injected,
+            "rpm_enrolled": rpm.enrolled,
+            "rpm_readings": rpm_readings,
+            "rpm_alerts": rpm_alerts,
+            "rpm_billing": rpm_billing,
             "fully_automated_percent": headline.percent_fully_automated,
             "manual_touches": headline.manual_touches,
             "manual_code_picks": headline.manual_code_picks,
@@ -456,4 +542,151 @@ fn fmt_counts(counts: &BTreeMap<String, u64>) -> String {
         .map(|(name, count)| format!("{name} {count}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The sandbox EHR's SQLite file: next to the store's, or under `data/`.
+fn sandbox_database(store_url: &str) -> String {
+    match store_url.strip_prefix("sqlite://") {
+        Some(path) => format!(
+            "sqlite://{}",
+            std::path::Path::new(path)
+                .with_file_name("sandbox-ehr.db")
+                .display()
+        ),
+        None => "sqlite://data/sandbox-ehr.db".to_string(),
+    }
+}
+
+struct RpmMonth {
+    enrolled: u64,
+    commands: u64,
+}
+
+/// Every 8th completed visit's patient is on remote monitoring: enrolled on 1 February
+/// with a blood-pressure alert band, one cuff reading (systolic + diastolic) a day on 1,
+/// 9 or 16–25 days of the 30-day device period (so 99454, 99445 and a held period all
+/// appear), management time logged for half of them. The readings of a month arrive in
+/// one burst, as from a device syncing its backlog. Deterministic ids: re-running the
+/// day is a retry.
+async fn rpm_month(
+    runtime: &serve_cmd::Runtime,
+    tenant: &TenantId,
+    visits: &[(Visit, Fate)],
+    seed: u64,
+) -> anyhow::Result<RpmMonth> {
+    let patients: Vec<uuid::Uuid> = visits
+        .iter()
+        .enumerate()
+        .filter(|(index, (_, fate))| *fate == Fate::Completed && index % 8 == 3 && index % 15 != 14)
+        .map(|(_, (visit, _))| visit.patient_id)
+        .collect();
+    let period_start = Utc
+        .with_ymd_and_hms(2026, 2, 1, 12, 0, 0)
+        .single()
+        .context("RPM period")?;
+    let coordinator = Actor::new(ActorKind::Staff, "rpm-coordinator");
+    let mut commands = 0u64;
+    for (k, patient) in patients.iter().enumerate() {
+        let (own, _) = patient.as_u64_pair();
+        let enrollment = uuid::Uuid::from_u64_pair(own, 0x52504D);
+        let device = format!("cuff-{:04}", own % 10_000);
+        let device_actor = Actor::new(ActorKind::Device, device.clone());
+        let mut steps = vec![scenario::Step {
+            service: "rpm",
+            command: "enroll",
+            actor: coordinator.clone(),
+            payload: json!({
+                "enrollment_id": enrollment, "patient_id": patient, "device_id": device,
+                "period_start": "2026-02-01", "time_zone": "America/Chicago",
+                "thresholds": [{"code": "8480-6", "low": 90.0, "high": 160.0}],
+                "at": period_start.to_rfc3339(),
+            }),
+            command_id: uuid::Uuid::from_u64_pair(own, 0x5250_4D01),
+        }];
+        // Days with readings decide the device-supply code: ≥ 16 → 99454; 2–15 → 99445
+        // (CY 2026); a single day → held.
+        let days = match k % 4 {
+            3 => 1,
+            2 => 9,
+            _ => 16 + (k as u64 % 10),
+        };
+        for day in 0..days {
+            let taken =
+                period_start + chrono::Duration::days(day as i64) + chrono::Duration::hours(2);
+            let noise = (own ^ seed ^ day.wrapping_mul(0x9E37)) % 40;
+            // About one reading in twelve is out of band (an alert).
+            let systolic = if noise % 12 == 5 {
+                168.0
+            } else {
+                112.0 + noise as f64
+            };
+            let reading = |code: &str, value: f64| {
+                json!({"code": code, "value": value, "unit": "mm[Hg]",
+                       "effective_at": taken.to_rfc3339(), "device_id": device})
+            };
+            steps.push(scenario::Step {
+                service: "rpm",
+                command: "record_readings",
+                actor: device_actor.clone(),
+                payload: json!({
+                    "enrollment_id": enrollment,
+                    "batch_id": uuid::Uuid::from_u64_pair(own, 0x5250_0000 + day),
+                    "readings": [reading("8480-6", systolic), reading("8462-4", 72.0 + (noise % 14) as f64)],
+                    "at": (taken + chrono::Duration::minutes(5)).to_rfc3339(),
+                }),
+                command_id: uuid::Uuid::from_u64_pair(own, 0x5250_1000 + day),
+            });
+        }
+        if k % 2 == 0 {
+            steps.push(scenario::Step {
+                service: "rpm",
+                command: "log_management_time",
+                actor: Actor::new(ActorKind::Clinician, "dr-synthetic-1"),
+                payload: json!({
+                    "enrollment_id": enrollment, "clinician_id": "dr-synthetic-1",
+                    "minutes": 24, "interactive_communication": true,
+                    "at": (period_start + chrono::Duration::days(27)).to_rfc3339(),
+                }),
+                command_id: uuid::Uuid::from_u64_pair(own, 0x5250_2000),
+            });
+        }
+        for step in &steps {
+            match send(runtime, tenant, step).await {
+                CommandReply::Accepted { .. } => commands += 1,
+                CommandReply::Rejected { code, message } => {
+                    anyhow::bail!("rpm {} rejected ({code:?}): {message}", step.command)
+                }
+            }
+        }
+    }
+    Ok(RpmMonth {
+        enrolled: patients.len() as u64,
+        commands,
+    })
+}
+
+/// Sends a command as a careful client does: a `conflict` (writers kept racing on the
+/// stream) or `unavailable` reply is retried with the same command id, so a retry can
+/// never apply twice.
+async fn send(
+    runtime: &serve_cmd::Runtime,
+    tenant: &TenantId,
+    step: &scenario::Step,
+) -> CommandReply {
+    let mut delay = std::time::Duration::from_millis(20);
+    let mut attempt = 0;
+    loop {
+        let reply = scenario::send(&runtime.bus, &runtime.root, tenant, step).await;
+        attempt += 1;
+        match &reply {
+            CommandReply::Rejected {
+                code: RejectionCode::Conflict | RejectionCode::Unavailable,
+                ..
+            } if attempt < 8 => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            _ => return reply,
+        }
+    }
 }

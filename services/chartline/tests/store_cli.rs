@@ -437,6 +437,59 @@ fn demo_summary_matches_the_store() {
         queue,
         count("SELECT COUNT(*) FROM billing_queue WHERE tenant = 'demo-clinic'")
     );
+    // RPM: the month of readings, its alerts and its billing periods are what is stored.
+    assert!(summary["rpm_enrolled"].as_i64().unwrap() > 0);
+    assert_eq!(
+        summary["rpm_enrolled"].as_i64().unwrap(),
+        count(&format!(
+            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'Enrolled'"
+        ))
+    );
+    assert_eq!(
+        summary["rpm_alerts"].as_i64().unwrap(),
+        count(&format!(
+            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'ThresholdBreached'"
+        ))
+    );
+    assert!(summary["rpm_alerts"].as_i64().unwrap() > 0);
+    let rpm_items: i64 = summary["rpm_billing"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        rpm_items,
+        count(
+            "SELECT COUNT(*) FROM billing_queue WHERE tenant = 'demo-clinic' AND kind LIKE 'rpm%'"
+        )
+    );
+    let rpm_billing = summary["rpm_billing"].to_string();
+    for expected in ["held", "99454", "99445", "99457"] {
+        assert!(
+            rpm_billing.contains(expected),
+            "{expected} missing: {rpm_billing}"
+        );
+    }
+    // EHR faults were injected and the connector rode them out: every artifact of a
+    // patient whose identity is resolved was acknowledged, none is dead.
+    let faults: i64 = summary["ehr_faults_injected"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_i64().unwrap())
+        .sum();
+    assert!(faults > 0, "no EHR faults were injected");
+    assert!(
+        summary["ehr_write_backs"]["dead"].is_null(),
+        "{}",
+        summary["ehr_write_backs"]
+    );
+    assert!(
+        summary["ehr_write_backs"]["failed"].is_null(),
+        "{}",
+        summary["ehr_write_backs"]
+    );
     assert_eq!(summary["manual_code_picks"], 0);
     assert_eq!(summary["projection_lag"], 0);
     assert_eq!(summary["chains_intact"], true);

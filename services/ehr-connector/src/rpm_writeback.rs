@@ -57,6 +57,10 @@ pub(crate) fn log_observation_outcome(job: &ObservationJob, outcome: &JobOutcome
     }
 }
 
+/// Attempts at recording an outcome while newer facts keep landing on the stream (a
+/// device syncing a backlog appends batch after batch).
+const MAX_TIME_RACES: usize = 25;
+
 impl<S: EventStore> Connector<S> {
     async fn load_enrollment(
         &self,
@@ -188,7 +192,9 @@ impl<S: EventStore> Connector<S> {
             code: RejectionCode::Unavailable,
             message: "not attempted".into(),
         };
-        for _ in 0..5 {
+        // A device that syncs a backlog appends batch after batch: each attempt may lose
+        // the race to the next one, so allow more attempts than for encounters.
+        for _ in 0..MAX_TIME_RACES {
             reply =
                 execute::<RpmEnrollment, S>(&self.inner.store, &job.stream, &make(at), &context)
                     .await;
@@ -197,8 +203,14 @@ impl<S: EventStore> Connector<S> {
                     if message.starts_with("time went backwards") =>
                 {
                     match self.load_enrollment(&job.tenant, &job.stream).await {
-                        Ok(newer) => at = at.max(newer.state.last_event_at.unwrap_or(at)),
-                        Err(_) => break,
+                        Ok(newer) => {
+                            at = at.max(newer.state.last_event_at.unwrap_or(at));
+                            tokio::task::yield_now().await;
+                        }
+                        Err(error) => {
+                            tracing::warn!(stream = %job.stream, %error, "re-reading the enrolment failed");
+                            break;
+                        }
                     }
                 }
                 CommandReply::Rejected {
