@@ -14,7 +14,7 @@ use chartline_domain::rpm::RpmEvent;
 use chartline_infra::EventStore;
 use chartline_infra::bus::Bus;
 use chartline_infra::command::send_command;
-use chartline_infra::store::{AnyStore, Direction, read_whole_stream};
+use chartline_infra::store::{AnyStore, Direction, MAX_READ_LIMIT, read_whole_stream};
 use chartline_proto::codec::decode;
 use chartline_proto::commands::{CommandReply, CommandRequest};
 use chartline_proto::{Actor, ActorKind, EventEnvelope, StreamId};
@@ -126,13 +126,29 @@ fn state<'a>(ctx: &Context<'a>) -> &'a ApiState {
 async fn load_encounter(
     ctx: &Context<'_>,
     id: Uuid,
+    up_to_version: Option<u64>,
     until: impl Fn(&EventEnvelope) -> bool,
 ) -> async_graphql::Result<Option<EncounterView>> {
     let claims = claims(ctx)?;
     let stream = StreamId::for_aggregate("encounter", id);
-    let events = read_whole_stream(&state(ctx).store, &claims.tenant, &stream)
-        .await
-        .map_err(unavailable)?;
+    let store = &state(ctx).store;
+    let events = match up_to_version {
+        Some(0) => Vec::new(),
+        // Replaying to a version reads only that prefix of the stream.
+        Some(version) if version <= MAX_READ_LIMIT as u64 => store
+            .read_stream(
+                &claims.tenant,
+                &stream,
+                1,
+                Direction::Forwards,
+                version as usize,
+            )
+            .await
+            .map_err(unavailable)?,
+        _ => read_whole_stream(store, &claims.tenant, &stream)
+            .await
+            .map_err(unavailable)?,
+    };
     let mut encounter = Encounter::default();
     let mut applied = 0;
     for envelope in events.iter().take_while(|e| until(e)) {
@@ -154,7 +170,7 @@ pub async fn load_encounter_view(
     ctx: &Context<'_>,
     id: Uuid,
 ) -> async_graphql::Result<Option<EncounterView>> {
-    load_encounter(ctx, id, |_| true).await
+    load_encounter(ctx, id, None, |_| true).await
 }
 
 /// An encounter's state, replayed from its stream.
@@ -524,7 +540,7 @@ impl Audit {
             })
             .transpose()
             .map_err(|_| api_error(ApiErrorCode::BadInput, "at must be an RFC 3339 time"))?;
-        let encounter = load_encounter(ctx, id, |e| {
+        let encounter = load_encounter(ctx, id, version, |e| {
             version.is_none_or(|v| e.stream_version <= v) && at.is_none_or(|at| e.recorded_at <= at)
         })
         .await?;
@@ -628,7 +644,7 @@ impl QueryRoot {
         claims(ctx)?;
         let id = Uuid::parse_str(&id)
             .map_err(|_| api_error(ApiErrorCode::BadInput, "id must be a UUID"))?;
-        load_encounter(ctx, id, |_| true).await
+        load_encounter(ctx, id, None, |_| true).await
     }
 
     /// A patient's identity state; demographics are PHI (clinician or auditor, recorded).
