@@ -118,6 +118,15 @@ impl ScoredCandidate {
     }
 }
 
+/// Highest score first; equal scores by record id, so the order does not depend on
+/// where a record sits in the index (insertion order vs. a rebuild's order).
+fn best_first(left: &ScoredCandidate, right: &ScoredCandidate) -> std::cmp::Ordering {
+    right
+        .score
+        .total_cmp(&left.score)
+        .then_with(|| left.record_id.cmp(&right.record_id))
+}
+
 /// What to do with an incoming registration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum MatchOutcome {
@@ -133,7 +142,7 @@ pub enum MatchOutcome {
 /// known set itself has a duplicate): never pick one silently, send both to review.
 pub fn decide_outcome(mut candidates: Vec<ScoredCandidate>) -> MatchOutcome {
     candidates.retain(|candidate| candidate.grade != MatchGrade::CertainlyNot);
-    candidates.sort_by(|left, right| right.score.total_cmp(&left.score));
+    candidates.sort_by(best_first);
     let certain = candidates
         .iter()
         .filter(|candidate| candidate.grade == MatchGrade::Certain)
@@ -245,17 +254,51 @@ struct PairScore {
     deterministic: bool,
 }
 
+/// The positions of `key` in a slice of blocking keys sorted by (key, record).
+fn key_run(keys: &[u64], key: u64) -> std::ops::Range<usize> {
+    let start = keys.partition_point(|candidate| *candidate < key);
+    let length = keys[start..].partition_point(|candidate| *candidate == key);
+    start..start + length
+}
+
+/// A record's blocking keys, each once.
+fn distinct_blocking_keys(record: &NormalizedRecord) -> Vec<u64> {
+    let mut keys = Vec::with_capacity(6);
+    blocking_keys(record, |key| keys.push(key));
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
 /// The known patients, their blocking index and the model.
+///
+/// Built in bulk ([`MatchIndex::build_with`]) or kept up to date one record at a time
+/// ([`MatchIndex::insert`], [`MatchIndex::replace`], [`MatchIndex::remove`]): the
+/// identity service adds each registration instead of rebuilding. After any sequence
+/// of changes the index answers exactly as one built from scratch from its live
+/// records with the same model ([`MatchIndex::with_model`]): same candidates, same
+/// blocks skipped as too large, same term frequencies, same λ. Only
+/// [`ScoredCandidate::record_index`] differs (positions are insertion order).
 #[derive(Debug, Clone)]
 pub struct MatchIndex {
+    /// Every record ever inserted; a removed one keeps its slot (positions are stable)
+    /// but has no blocking entries and no frequency counts.
     records: Vec<NormalizedRecord>,
-    /// Sorted blocking keys and, at the same positions, the record they came from.
+    removed: Vec<bool>,
+    live_records: usize,
+    /// Blocking keys sorted by (key, record) and, at the same positions, the record
+    /// they came from: a large base merged rarely ...
     block_keys: Vec<u64>,
     block_records: Vec<u32>,
+    /// ... and the recent insertions, kept sorted, merged into the base when they
+    /// reach a sixteenth of it (an insertion then moves a small vector, not millions
+    /// of entries).
+    recent_keys: Vec<u64>,
+    recent_records: Vec<u32>,
     given_frequencies: HashMap<Box<str>, u32>,
     family_frequencies: HashMap<Box<str>, u32>,
     /// `m` from EM at build time, `u` from random known pairs, λ from
-    /// `incoming_match_rate`.
+    /// `incoming_match_rate` and the number of live records (updated on every change).
     model: MatchModel,
     config: MatchConfig,
 }
@@ -299,10 +342,15 @@ impl MatchIndex {
         entries.sort_unstable();
         entries.dedup();
         let (block_keys, block_records) = entries.into_iter().unzip();
+        let count = records.len();
         let mut index = MatchIndex {
+            removed: vec![false; count],
+            live_records: count,
             records,
             block_keys,
             block_records,
+            recent_keys: Vec::new(),
+            recent_records: Vec::new(),
             given_frequencies,
             family_frequencies,
             model: MatchModel::starting_priors(),
@@ -312,8 +360,207 @@ impl MatchIndex {
         Ok(index)
     }
 
+    /// An index over `records` scored with a model estimated elsewhere (its λ is set
+    /// from `incoming_match_rate` and the number of records). No estimation: this is
+    /// the from-scratch counterpart of an index kept up to date by `insert`/`remove`.
+    pub fn with_model(
+        records: Vec<NormalizedRecord>,
+        model: MatchModel,
+        config: MatchConfig,
+    ) -> Result<Self, MatchIndexError> {
+        let mut index = MatchIndex::empty(config);
+        for record in records {
+            index.insert(record)?;
+        }
+        index.merge_recent();
+        index.set_model(model);
+        Ok(index)
+    }
+
+    /// No records, starting-prior model.
+    pub fn empty(config: MatchConfig) -> Self {
+        let mut index = MatchIndex {
+            records: Vec::new(),
+            removed: Vec::new(),
+            live_records: 0,
+            block_keys: Vec::new(),
+            block_records: Vec::new(),
+            recent_keys: Vec::new(),
+            recent_records: Vec::new(),
+            given_frequencies: HashMap::new(),
+            family_frequencies: HashMap::new(),
+            model: MatchModel::starting_priors(),
+            config,
+        };
+        index.refresh_prior();
+        index
+    }
+
+    /// Replaces the model (`m`, `u`); λ is set from this index's live record count.
+    pub fn set_model(&mut self, model: MatchModel) {
+        self.model = model;
+        self.refresh_prior();
+    }
+
+    /// λ = `incoming_match_rate` ÷ live records, as `estimate_model` sets it.
+    fn refresh_prior(&mut self) {
+        self.model.set_prior_probability(
+            self.config.incoming_match_rate / self.live_records.max(1) as f64,
+        );
+    }
+
+    /// Adds a known record; returns its position. O(keys × recent insertions), plus
+    /// an O(n) merge every n/16 insertions.
+    pub fn insert(&mut self, record: NormalizedRecord) -> Result<usize, MatchIndexError> {
+        let position = self.records.len();
+        if u32::try_from(position + 1).is_err() {
+            return Err(MatchIndexError::TooManyRecords(position + 1));
+        }
+        self.records.push(record);
+        self.removed.push(false);
+        self.attach(position);
+        self.live_records += 1;
+        self.refresh_prior();
+        Ok(position)
+    }
+
+    /// Replaces the record at `position` (new identifiers, new demographics) in place.
+    /// A removed position becomes live again.
+    pub fn replace(&mut self, position: usize, record: NormalizedRecord) {
+        if self.removed[position] {
+            self.removed[position] = false;
+            self.live_records += 1;
+            self.refresh_prior();
+        } else {
+            self.detach(position);
+        }
+        self.records[position] = record;
+        self.attach(position);
+    }
+
+    /// Takes the record at `position` out of matching (a merged chart). Its slot stays.
+    pub fn remove(&mut self, position: usize) {
+        if self.removed[position] {
+            return;
+        }
+        self.detach(position);
+        self.removed[position] = true;
+        self.live_records -= 1;
+        self.refresh_prior();
+    }
+
+    pub fn is_removed(&self, position: usize) -> bool {
+        self.removed[position]
+    }
+
+    /// The live records (not removed), in position order.
+    pub fn live_records(&self) -> impl Iterator<Item = &NormalizedRecord> {
+        self.records
+            .iter()
+            .zip(&self.removed)
+            .filter(|(_, removed)| !**removed)
+            .map(|(record, _)| record)
+    }
+
+    /// Counts the record's names and files its blocking keys.
+    fn attach(&mut self, position: usize) {
+        let record = &self.records[position];
+        if !record.given.is_empty() {
+            *self
+                .given_frequencies
+                .entry(record.given.clone())
+                .or_insert(0) += 1;
+        }
+        if !record.family.is_empty() {
+            *self
+                .family_frequencies
+                .entry(record.family.clone())
+                .or_insert(0) += 1;
+        }
+        let entry_record = position as u32;
+        for key in distinct_blocking_keys(record) {
+            let at = self
+                .recent_keys
+                .partition_point(|candidate| *candidate < key)
+                + key_run(&self.recent_keys, key)
+                    .map(|slot| self.recent_records[slot])
+                    .take_while(|other| *other < entry_record)
+                    .count();
+            self.recent_keys.insert(at, key);
+            self.recent_records.insert(at, entry_record);
+        }
+        if self.recent_keys.len() > 4_096.max(self.block_keys.len() / 16) {
+            self.merge_recent();
+        }
+    }
+
+    /// The reverse of `attach`.
+    fn detach(&mut self, position: usize) {
+        let record = &self.records[position];
+        for (frequencies, value) in [
+            (&mut self.given_frequencies, &record.given),
+            (&mut self.family_frequencies, &record.family),
+        ] {
+            if value.is_empty() {
+                continue;
+            }
+            if let Some(count) = frequencies.get_mut(value) {
+                *count -= 1;
+                if *count == 0 {
+                    frequencies.remove(value);
+                }
+            }
+        }
+        let entry_record = position as u32;
+        for key in distinct_blocking_keys(record) {
+            for (keys, records) in [
+                (&mut self.block_keys, &mut self.block_records),
+                (&mut self.recent_keys, &mut self.recent_records),
+            ] {
+                let run = key_run(keys, key);
+                if let Some(offset) = records[run.clone()]
+                    .iter()
+                    .position(|other| *other == entry_record)
+                {
+                    keys.remove(run.start + offset);
+                    records.remove(run.start + offset);
+                }
+            }
+        }
+    }
+
+    /// Merges the recent insertions into the sorted base.
+    fn merge_recent(&mut self) {
+        if self.recent_keys.is_empty() {
+            return;
+        }
+        let total = self.block_keys.len() + self.recent_keys.len();
+        let mut keys = Vec::with_capacity(total);
+        let mut records = Vec::with_capacity(total);
+        let (mut base, mut recent) = (0, 0);
+        while base < self.block_keys.len() || recent < self.recent_keys.len() {
+            let take_base = recent == self.recent_keys.len()
+                || (base < self.block_keys.len()
+                    && (self.block_keys[base], self.block_records[base])
+                        <= (self.recent_keys[recent], self.recent_records[recent]));
+            if take_base {
+                keys.push(self.block_keys[base]);
+                records.push(self.block_records[base]);
+                base += 1;
+            } else {
+                keys.push(self.recent_keys[recent]);
+                records.push(self.recent_records[recent]);
+                recent += 1;
+            }
+        }
+        self.block_keys = keys;
+        self.block_records = records;
+        self.recent_keys.clear();
+        self.recent_records.clear();
+    }
+
     /// `u` from random pairs, then `m` by EM on the candidate pairs of a sample of the
-    /// known records against all of them.
+    /// known records against all of them. Only at construction (no removed records).
     fn estimate_model(&mut self) {
         let count = self.records.len();
         let mut rng = SplitMix64::new(self.config.seed);
@@ -366,12 +613,13 @@ impl MatchIndex {
         &self.config
     }
 
+    /// Live records (removed ones do not count).
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.live_records
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.live_records == 0
     }
 
     pub fn record(&self, index: usize) -> &NormalizedRecord {
@@ -382,12 +630,11 @@ impl MatchIndex {
     fn candidates_into(&self, record: &NormalizedRecord, out: &mut Vec<u32>) {
         out.clear();
         blocking_keys(record, |key| {
-            let start = self
-                .block_keys
-                .partition_point(|candidate| *candidate < key);
-            let length = self.block_keys[start..].partition_point(|candidate| *candidate == key);
-            if length <= self.config.max_block_size {
-                out.extend_from_slice(&self.block_records[start..start + length]);
+            let base = key_run(&self.block_keys, key);
+            let recent = key_run(&self.recent_keys, key);
+            if base.len() + recent.len() <= self.config.max_block_size {
+                out.extend_from_slice(&self.block_records[base]);
+                out.extend_from_slice(&self.recent_records[recent]);
             }
         });
         out.sort_unstable();
@@ -401,7 +648,7 @@ impl MatchIndex {
         frequencies: &HashMap<Box<str>, u32>,
         value: &str,
     ) -> f64 {
-        let count = self.records.len();
+        let count = self.live_records;
         if count < self.config.term_frequency_min_records {
             return 0.0;
         }
@@ -510,7 +757,7 @@ impl MatchIndex {
                 })
             })
             .collect();
-        scored.sort_by(|left, right| right.score.total_cmp(&left.score));
+        scored.sort_by(best_first);
         scored
     }
 
@@ -534,7 +781,7 @@ impl MatchIndex {
                 compared.push((left as u32, right, vector));
             }
         }
-        let all_pairs = normalized.len() as f64 * self.records.len() as f64;
+        let all_pairs = normalized.len() as f64 * self.live_records as f64;
         let model = self.batch_model(&compared, reestimate, all_pairs);
         let pairs = compared
             .iter()
@@ -561,13 +808,16 @@ impl MatchIndex {
         let mut compared: Vec<(u32, u32, ComparisonVector)> = Vec::new();
         let mut candidates = Vec::new();
         for (left, record) in self.records.iter().enumerate() {
+            if self.removed[left] {
+                continue;
+            }
             self.candidates_into(record, &mut candidates);
             for &right in candidates.iter().filter(|right| **right as usize > left) {
                 let vector = compare_records(record, &self.records[right as usize]);
                 compared.push((left as u32, right, vector));
             }
         }
-        let count = self.records.len() as f64;
+        let count = self.live_records as f64;
         let model = self.batch_model(&compared, reestimate, count * (count - 1.0) / 2.0);
         let pairs = compared
             .iter()

@@ -5,7 +5,8 @@
 //! This module is the pure engine the identity service and the `chartline identity`
 //! CLI run: normalize ([`normalize`], [`record`]), block and compare ([`compare`]),
 //! score with Fellegi–Sunter estimated on the data ([`model`]), and grade the result
-//! certain / probable / possible / certainly-not ([`index`]). [`synthetic`] makes
+//! certain / probable / possible / certainly-not ([`index`]); [`live`] keeps a
+//! tenant's index up to date one registration at a time for the identity service. [`synthetic`] makes
 //! evaluation data with known truth. No IO, no threads, no clock.
 //!
 //! Typical use (the identity service):
@@ -36,6 +37,7 @@
 
 pub mod compare;
 pub mod index;
+pub mod live;
 pub mod model;
 pub mod normalize;
 pub mod prng;
@@ -47,6 +49,7 @@ pub use index::{
     BatchResult, FieldComparison, MatchConfig, MatchIndex, MatchIndexError, MatchOutcome,
     ScoredCandidate, ScoredPair, decide_outcome,
 };
+pub use live::{LiveMatcher, RefitPolicy};
 pub use model::{EmReport, GradeThresholds, MatchModel, ThresholdError};
 pub use normalize::NormalizeError;
 pub use record::{NormalizedRecord, PatientRecord};

@@ -17,7 +17,7 @@
 //! both smoothed towards starting priors with pseudo-counts so that small files and
 //! empty levels never give infinite weights.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -507,10 +507,13 @@ fn normalized(mut values: Vec<f64>) -> Vec<f64> {
 }
 
 /// Comparison vectors of many pairs, counted by distinct pattern: EM runs over a few
-/// thousand patterns instead of millions of pairs.
+/// thousand patterns instead of millions of pairs. Ordered (a `BTreeMap`, not a
+/// randomly seeded `HashMap`): EM sums over the patterns in this order, and a
+/// different order changed fitted weights in the last bit from one build of the same
+/// records to the next.
 #[derive(Debug, Clone, Default)]
 pub struct PatternHistogram {
-    counts: HashMap<ComparisonVector, u64>,
+    counts: BTreeMap<ComparisonVector, u64>,
 }
 
 impl PatternHistogram {

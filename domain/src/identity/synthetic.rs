@@ -1152,6 +1152,80 @@ pub fn evaluation_set(seed: u64, people: usize) -> EvaluationSet {
     set
 }
 
+/// What happens to a tenant's patients, in log order, as the identity service sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RegistryEvent {
+    /// A registration (demographics only: identifiers come later, by link).
+    Registered(PatientRecord),
+    /// An EHR identifier linked to the patient (automatic link or a resolved review).
+    IdentifierLinked {
+        record_id: String,
+        identifier: Identifier,
+    },
+    /// The patient's chart was merged into another: no longer a candidate.
+    Merged { record_id: String },
+}
+
+/// A synthetic registration log for `people` people: each registers once (whole
+/// households, so partners, children and twins), a fifth of them come back as a noisy
+/// near-duplicate and a twentieth have a namesake registering; about half of the
+/// registrations get an MRN linked soon after, and a third of the near-duplicates are
+/// later merged away. Deterministic for a seed.
+pub fn registry_events(seed: u64, people: usize) -> Vec<RegistryEvent> {
+    let mut population = Population::new(seed);
+    let persons = population.people(people);
+    let mut rng = SplitMix64::new(seed ^ 0x5E01D);
+    let mut events = Vec::new();
+    // Events held back to come a few registrations later: (due after, event).
+    let mut later: Vec<(usize, RegistryEvent)> = Vec::new();
+    let mut registrations = 0usize;
+    let next_id = |rng: &mut SplitMix64| {
+        // Random ids, so that id order (the rebuild's order) is not arrival order.
+        format!("{:016x}", rng.next_u64())
+    };
+    let mrn = |person: &SyntheticPerson| Identifier {
+        system: "urn:synthetic-ehr".into(),
+        value: format!("MRN{:07}", person.person_id),
+    };
+    for person in &persons {
+        let mut arrivals = vec![(clean_record(person, next_id(&mut rng)), false)];
+        if rng.chance(0.2) {
+            let (noisy, _) = noisy_record(person, next_id(&mut rng), &mut rng);
+            arrivals.push((noisy, true));
+        }
+        if rng.chance(0.05) {
+            let namesake = population.namesake(person);
+            arrivals.push((clean_record(&namesake, next_id(&mut rng)), false));
+        }
+        for (mut record, duplicate) in arrivals {
+            record.identifiers.clear();
+            let record_id = record.record_id.clone();
+            events.push(RegistryEvent::Registered(record));
+            registrations += 1;
+            if rng.chance(0.5) {
+                let due = registrations + rng.index(4);
+                later.push((
+                    due,
+                    RegistryEvent::IdentifierLinked {
+                        record_id: record_id.clone(),
+                        identifier: mrn(person),
+                    },
+                ));
+            }
+            if duplicate && rng.chance(0.33) {
+                let due = registrations + 1 + rng.index(8);
+                later.push((due, RegistryEvent::Merged { record_id }));
+            }
+            let (due, waiting): (Vec<_>, Vec<_>) =
+                later.drain(..).partition(|(due, _)| *due <= registrations);
+            later = waiting;
+            events.extend(due.into_iter().map(|(_, event)| event));
+        }
+    }
+    events.extend(later.into_iter().map(|(_, event)| event));
+    events
+}
+
 /// Known records streamed for the benchmark; incoming records collected on the way.
 ///
 /// Iterate it to get `known` clean records (feed it straight into

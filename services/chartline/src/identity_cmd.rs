@@ -17,7 +17,10 @@ use std::time::Instant;
 use anyhow::Context;
 use chartline_domain::identity::normalize::{parse_iso_date, parse_sex};
 use chartline_domain::identity::synthetic::bench_stream;
-use chartline_domain::identity::{GradeThresholds, MatchConfig, MatchIndex, PatientRecord};
+use chartline_domain::identity::{
+    GradeThresholds, LiveMatcher, MatchConfig, MatchIndex, MatchOutcome, PatientRecord,
+    RefitPolicy, decide_outcome,
+};
 use chartline_domain::patient::{Identifier, MatchGrade};
 use clap::Subcommand;
 
@@ -61,6 +64,23 @@ pub enum IdentityCommand {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Registrations one at a time, as the identity reactor sees them, against a
+    /// tenant of `--known` patients: the incremental matcher (`LiveMatcher`) against
+    /// the former per-registration rebuild. Reports registrations/s of each as JSON.
+    BenchRegistrations {
+        #[arg(long, default_value_t = 5_000)]
+        known: usize,
+        /// Registrations through the incremental matcher.
+        #[arg(long, default_value_t = 2_000)]
+        registrations: usize,
+        /// Registrations through the per-registration rebuild (each costs O(known)).
+        #[arg(long, default_value_t = 20)]
+        rebuild_registrations: usize,
+        #[arg(long, default_value = "target/bench/identity_registrations.json")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 pub fn run(command: IdentityCommand) -> anyhow::Result<ExitCode> {
@@ -93,6 +113,13 @@ pub fn run(command: IdentityCommand) -> anyhow::Result<ExitCode> {
             out,
             seed,
         } => bench(known, incoming, &out, seed),
+        IdentityCommand::BenchRegistrations {
+            known,
+            registrations,
+            rebuild_registrations,
+            out,
+            seed,
+        } => bench_registrations(known, registrations, rebuild_registrations, &out, seed),
     }
 }
 
@@ -397,6 +424,109 @@ fn bench(known: usize, incoming: usize, out: &Path, seed: u64) -> anyhow::Result
         },
         "em": result.model.em,
         "note": "build_seconds includes generating the synthetic known records (streamed into the index)",
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    println!("{text}");
+    if let Some(parent) = out.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    std::fs::write(out, format!("{text}\n"))
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An outcome as the reactor acts on it: the kind and the candidates' ids and grades.
+fn outcome_summary(outcome: &MatchOutcome) -> (u8, Vec<(String, MatchGrade)>) {
+    match outcome {
+        MatchOutcome::New => (0, vec![]),
+        MatchOutcome::Link(candidate) => (1, vec![(candidate.record_id.clone(), candidate.grade)]),
+        MatchOutcome::Review(candidates) => (
+            2,
+            candidates
+                .iter()
+                .take(5)
+                .map(|candidate| (candidate.record_id.clone(), candidate.grade))
+                .collect(),
+        ),
+    }
+}
+
+fn bench_registrations(
+    known: usize,
+    registrations: usize,
+    rebuild_registrations: usize,
+    out: &Path,
+    seed: u64,
+) -> anyhow::Result<ExitCode> {
+    let mut stream = bench_stream(seed, known, registrations.max(rebuild_registrations));
+    let known_records: Vec<PatientRecord> = stream.by_ref().collect();
+    let incoming: Vec<PatientRecord> = stream
+        .into_incoming()
+        .into_iter()
+        .map(|mut record| {
+            // A registration carries demographics only.
+            record.identifiers.clear();
+            record
+        })
+        .collect();
+
+    // Incremental: replay the tenant (start-up), then one registration at a time.
+    let started = Instant::now();
+    let mut matcher = LiveMatcher::new(MatchConfig::default(), RefitPolicy::default());
+    for record in &known_records {
+        matcher.observe_registration(record.clone())?;
+    }
+    let startup_seconds = started.elapsed().as_secs_f64();
+    let matching = Instant::now();
+    let mut incremental_outcomes = Vec::new();
+    for record in incoming.iter().take(registrations) {
+        incremental_outcomes.push(decide_outcome(
+            matcher.resolve_registration(record.clone())?,
+        ));
+    }
+    let incremental_seconds = matching.elapsed().as_secs_f64();
+
+    // The former reactor: a MatchIndex built from every other patient (in id order)
+    // for each registration.
+    let mut rebuilt: std::collections::BTreeMap<String, PatientRecord> = known_records
+        .into_iter()
+        .map(|record| (record.record_id.clone(), record))
+        .collect();
+    let rebuilding = Instant::now();
+    let mut same_outcome = 0usize;
+    for (position, record) in incoming.iter().take(rebuild_registrations).enumerate() {
+        let index = MatchIndex::build_with(rebuilt.values().cloned(), MatchConfig::default())?;
+        let outcome = index.outcome(record);
+        if incremental_outcomes
+            .get(position)
+            .is_some_and(|incremental| outcome_summary(incremental) == outcome_summary(&outcome))
+        {
+            same_outcome += 1;
+        }
+        rebuilt.insert(record.record_id.clone(), record.clone());
+    }
+    let rebuild_seconds = rebuilding.elapsed().as_secs_f64();
+    let compared = rebuild_registrations.min(incremental_outcomes.len());
+
+    let per_second = |count: usize, seconds: f64| count as f64 / seconds.max(1e-9);
+    let report = serde_json::json!({
+        "known": known,
+        "build_profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "incremental": {
+            "startup_seconds": startup_seconds,
+            "registrations": incremental_outcomes.len(),
+            "seconds": incremental_seconds,
+            "registrations_per_second": per_second(incremental_outcomes.len(), incremental_seconds),
+            "model_fits": matcher.fits(),
+        },
+        "rebuild_per_registration": {
+            "registrations": rebuild_registrations,
+            "seconds": rebuild_seconds,
+            "registrations_per_second": per_second(rebuild_registrations, rebuild_seconds),
+        },
+        "same_outcome_as_rebuild": format!("{same_outcome}/{compared}"),
+        "peak_rss_bytes": peak_rss_bytes(),
     });
     let text = serde_json::to_string_pretty(&report)?;
     println!("{text}");

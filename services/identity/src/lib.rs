@@ -14,13 +14,22 @@
 //! - nothing at possible or above → `NewPatientConfirmed`.
 //!
 //! Command ids derive from the `Registered` event, so redelivery changes nothing.
+//!
+//! Each tenant's patients sit in a [`LiveMatcher`], built once from the log at start and
+//! then updated per event (a registration is inserted after it is matched, a linked
+//! identifier replaces the record, a merged chart leaves it), instead of a
+//! `MatchIndex` rebuilt per registration (O(n) each; it fell behind at ~1,300
+//! patients, `docs/soak.md`). The model is re-fitted at fit points fixed by counts, so
+//! a restart that replays the log decides exactly as before the restart.
 
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chartline_domain::identity::{MatchIndex, MatchOutcome, PatientRecord};
+use chartline_domain::identity::{
+    LiveMatcher, MatchConfig, MatchOutcome, PatientRecord, RefitPolicy, decide_outcome,
+};
 use chartline_domain::patient::{
     Demographics, Identifier, MatchCandidate, Patient, PatientCommand, PatientEvent,
 };
@@ -70,23 +79,61 @@ struct Known {
     merged: bool,
 }
 
-/// The tenant's patients, folded from the global log.
+/// One tenant: what the reactor knows of each patient, and the matcher over the
+/// patients that are not merged.
+struct TenantPatients {
+    known: BTreeMap<Uuid, Known>,
+    matcher: LiveMatcher,
+}
+
+impl Default for TenantPatients {
+    fn default() -> Self {
+        TenantPatients {
+            known: BTreeMap::new(),
+            matcher: LiveMatcher::new(MatchConfig::default(), RefitPolicy::default()),
+        }
+    }
+}
+
+impl TenantPatients {
+    fn record(&self, patient: Uuid) -> Option<PatientRecord> {
+        let known = self.known.get(&patient)?;
+        Some(PatientRecord::from_demographics(
+            patient.to_string(),
+            &known.demographics,
+            known.identifiers.clone(),
+        ))
+    }
+}
+
+/// A registration the reactor has to decide.
+struct Registration {
+    tenant: TenantId,
+    patient: Uuid,
+    command: Result<PatientCommand, String>,
+}
+
+/// The tenants' patients, folded from the global log.
 #[derive(Default)]
 pub struct Registry {
-    tenants: BTreeMap<TenantId, BTreeMap<Uuid, Known>>,
+    tenants: BTreeMap<TenantId, TenantPatients>,
 }
 
 impl Registry {
-    fn observe(&mut self, envelope: &EventEnvelope) -> Option<(TenantId, Uuid)> {
+    /// Folds one event. A registration is matched against the tenant's other patients
+    /// only when `decide` (a replay at start-up just indexes it; both take the same
+    /// steps, so the matcher reaches the same state either way).
+    fn observe(&mut self, envelope: &EventEnvelope, decide: bool) -> Option<Registration> {
         let patient = Uuid::parse_str(envelope.stream_id.id_part()).ok()?;
         let event: PatientEvent = decode(envelope).ok()?;
-        let patients = self
-            .tenants
-            .entry(envelope.metadata.tenant.clone())
-            .or_default();
+        let tenant = envelope.metadata.tenant.clone();
+        let patients = self.tenants.entry(tenant.clone()).or_default();
         match event {
             PatientEvent::Registered { demographics, .. } => {
-                patients.insert(
+                // Matched without identifiers: an EHR identifier arrives by link.
+                let incoming =
+                    PatientRecord::from_demographics(patient.to_string(), &demographics, vec![]);
+                patients.known.insert(
                     patient,
                     Known {
                         demographics,
@@ -94,59 +141,62 @@ impl Registry {
                         merged: false,
                     },
                 );
-                return Some((envelope.metadata.tenant.clone(), patient));
+                let at = envelope.metadata.occurred_at;
+                if !decide {
+                    if let Err(error) = patients.matcher.observe_registration(incoming) {
+                        tracing::warn!(%patient, %error, "identity: cannot index the patient");
+                    }
+                    return None;
+                }
+                let command = patients
+                    .matcher
+                    .resolve_registration(incoming)
+                    .map_err(|error| error.to_string())
+                    .map(|candidates| patients.command_for(candidates, at));
+                return Some(Registration {
+                    tenant,
+                    patient,
+                    command,
+                });
             }
             PatientEvent::IdentifierLinked { identifier, .. }
             | PatientEvent::MatchResolved {
                 resolution: chartline_domain::patient::MatchResolution::ConfirmLink { identifier },
                 ..
             } => {
-                if let Some(known) = patients.get_mut(&patient)
+                if let Some(known) = patients.known.get_mut(&patient)
                     && !known.identifiers.contains(&identifier)
                 {
                     known.identifiers.push(identifier);
+                    let merged = known.merged;
+                    if !merged
+                        && let Some(record) = patients.record(patient)
+                        && let Err(error) = patients.matcher.upsert(record)
+                    {
+                        tracing::warn!(%patient, %error, "identity: cannot index the patient");
+                    }
                 }
             }
             PatientEvent::Merged { .. } => {
-                if let Some(known) = patients.get_mut(&patient) {
+                if let Some(known) = patients.known.get_mut(&patient) {
                     known.merged = true;
+                    patients.matcher.remove(&patient.to_string());
                 }
             }
             _ => {}
         }
         None
     }
+}
 
-    /// Scores `patient` against every other known patient of the tenant.
-    fn resolve(
+impl TenantPatients {
+    /// The command for a registration's scored candidates (see the module doc).
+    fn command_for(
         &self,
-        tenant: &TenantId,
-        patient: Uuid,
+        candidates: Vec<chartline_domain::identity::ScoredCandidate>,
         at: chrono::DateTime<chrono::Utc>,
-    ) -> Result<PatientCommand, String> {
-        let patients = self.tenants.get(tenant).ok_or("unknown tenant")?;
-        let me = patients.get(&patient).ok_or("unknown patient")?;
-        let others: Vec<(Uuid, &Known)> = patients
-            .iter()
-            .filter(|(id, known)| **id != patient && !known.merged)
-            .map(|(id, known)| (*id, known))
-            .collect();
-        if others.is_empty() {
-            return Ok(PatientCommand::ConfirmNewPatient { at });
-        }
-        let records: Vec<PatientRecord> = others
-            .iter()
-            .map(|(id, known)| {
-                PatientRecord::from_demographics(
-                    id.to_string(),
-                    &known.demographics,
-                    known.identifiers.clone(),
-                )
-            })
-            .collect();
-        let index = MatchIndex::build(records).map_err(|e| e.to_string())?;
-        let incoming =
-            PatientRecord::from_demographics(patient.to_string(), &me.demographics, vec![]);
+    ) -> PatientCommand {
+        let patients = &self.known;
         let candidate_of = |record_id: &str| -> (Option<Uuid>, Option<Identifier>) {
             let id = Uuid::parse_str(record_id).ok();
             let identifier = id
@@ -156,7 +206,7 @@ impl Registry {
         };
         let review =
             |candidates: Vec<MatchCandidate>| PatientCommand::RequestMatchReview { candidates, at };
-        Ok(match index.outcome(&incoming) {
+        match decide_outcome(candidates) {
             MatchOutcome::New => PatientCommand::ConfirmNewPatient { at },
             MatchOutcome::Link(candidate) => {
                 let (id, identifier) = candidate_of(&candidate.record_id);
@@ -179,7 +229,7 @@ impl Registry {
                     })
                     .collect(),
             ),
-        })
+        }
     }
 }
 
@@ -188,13 +238,18 @@ pub async fn react<S: EventStore>(store: &S, registry: &mut Registry, event: &Ev
     if event.category() != "patient" {
         return;
     }
-    let Some((tenant, patient)) = registry.observe(event) else {
+    let Some(Registration {
+        tenant,
+        patient,
+        command,
+    }) = registry.observe(event, true)
+    else {
         return;
     };
     // Only a registration still pending needs resolving (a replay after restart finds
     // it already resolved: the command id makes the retry a no-op anyway).
     // Recorded at the time of the registration it resolves: a replay gives the same stream.
-    let command = match registry.resolve(&tenant, patient, event.metadata.occurred_at) {
+    let command = match command {
         Ok(command) => command,
         Err(error) => {
             tracing::warn!(%patient, %error, "identity matching failed; leaving the patient pending");
@@ -237,7 +292,7 @@ pub async fn run_reactor<S: EventStore>(
             .iter()
             .filter(|e| e.global_position <= start && e.category() == "patient")
         {
-            registry.observe(event);
+            registry.observe(event, false);
         }
     }
     let mut subscription = Subscription::new(store.clone(), ReadScope::AllTenants, start)
