@@ -130,7 +130,7 @@ fn best_first(left: &ScoredCandidate, right: &ScoredCandidate) -> std::cmp::Orde
 /// What to do with an incoming registration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum MatchOutcome {
-    /// Exactly one certain candidate: link to it.
+    /// Exactly one certain candidate, and nothing scored above it: link to it.
     Link(ScoredCandidate),
     /// Probable/possible candidates, or several certain ones: a human decides.
     Review(Vec<ScoredCandidate>),
@@ -149,7 +149,12 @@ pub fn decide_outcome(mut candidates: Vec<ScoredCandidate>) -> MatchOutcome {
         .count();
     match (certain, candidates.is_empty()) {
         (_, true) => MatchOutcome::New,
-        (1, false) => MatchOutcome::Link(candidates.swap_remove(0)),
+        // Link only when the one certain candidate is also the best-scored: a higher-
+        // scored candidate that the twin/namesake guards held below certain means the
+        // evidence points two ways, and a human must pick the chart.
+        (1, false) if candidates[0].grade == MatchGrade::Certain => {
+            MatchOutcome::Link(candidates.swap_remove(0))
+        }
         _ => MatchOutcome::Review(candidates),
     }
 }
@@ -1124,6 +1129,18 @@ mod tests {
             MatchOutcome::Review(vec![
                 candidate("a", 0.9, Probable),
                 candidate("b", 0.4, Possible)
+            ])
+        );
+        // The certain candidate is outscored by one the guards held back (a twin):
+        // never link to either silently (before, the top-scored one was linked).
+        assert_eq!(
+            decide_outcome(vec![
+                candidate("twin", 0.9995, Probable),
+                candidate("a", 0.999, Certain)
+            ]),
+            MatchOutcome::Review(vec![
+                candidate("twin", 0.9995, Probable),
+                candidate("a", 0.999, Certain)
             ])
         );
         // Two certain candidates: the known set has a duplicate; a human picks.
