@@ -2,13 +2,15 @@
 //! rebuild_bench -- [EVENTS] [STORE_URL] [READ_URL]` fills the store with synthetic
 //! events up to EVENTS (default 1,000,000; an already filled store is reused) and
 //! reports how fast all six read models are built from position 0 into READ_URL
-//! (default: a fresh SQLite file next to a temporary store).
+//! (default: a fresh SQLite file next to a temporary store). With `LIVE_SECONDS` set,
+//! it then follows the log live while appending 500 events/s for that many seconds
+//! and prints the lag (`chartline projections bench` runs all of it per backend).
 
 use std::time::Instant;
 
 use chartline_infra::{AnyStore, EventStore};
 use chartline_projections::ReadDb;
-use chartline_projections::bench::{append_synthetic, rebuild_benchmark};
+use chartline_projections::bench::{append_synthetic, live_lag_benchmark, rebuild_benchmark};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -36,7 +38,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let db = ReadDb::open(&read_url).await?;
-    let report = rebuild_benchmark(store, db).await?;
+    let mut report = rebuild_benchmark(store.clone(), db).await?;
+    let samples = std::mem::take(&mut report.rss.samples).len();
     println!("{}", serde_json::to_string_pretty(&report)?);
+    eprintln!("({samples} RSS samples)");
+    if let Some(seconds) = std::env::var("LIVE_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+    {
+        let db = ReadDb::open(&read_url).await?;
+        let live = live_lag_benchmark(store, db, 500.0, seconds).await?;
+        println!("{}", serde_json::to_string_pretty(&live)?);
+    }
     Ok(())
 }

@@ -436,11 +436,92 @@ pub struct BenchReport {
     pub seconds: f64,
     /// Log events per second, each applied by all six read models.
     pub events_per_sec: f64,
+    /// Resident memory sampled every 100 ms during the rebuild.
+    pub rss: RssReport,
+}
+
+/// Resident set size of this process (`VmRSS` of /proc/self/status), in bytes.
+pub fn vm_rss_bytes() -> Option<u64> {
+    proc_status_kib("VmRSS:").map(|kib| kib * 1024)
+}
+
+/// Peak resident set size of this process (`VmHWM`), in bytes.
+pub fn vm_hwm_bytes() -> Option<u64> {
+    proc_status_kib("VmHWM:").map(|kib| kib * 1024)
+}
+
+fn proc_status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|line| line.starts_with(field))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse().ok())
+}
+
+/// What the RSS sampler saw.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RssReport {
+    /// `(seconds since start, bytes)` every 100 ms.
+    pub samples: Vec<(f64, u64)>,
+    pub peak_bytes: u64,
+    pub first_half_peak_bytes: u64,
+    pub second_half_peak_bytes: u64,
+    /// Peak of the second half minus peak of the first half (≤ 0: flat).
+    pub growth_bytes: i64,
+}
+
+/// Samples `VmRSS` on its own thread until [`RssSampler::finish`].
+pub struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<(f64, u64)>>,
+}
+
+impl RssSampler {
+    pub fn start(every: std::time::Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut samples = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(rss) = vm_rss_bytes() {
+                    samples.push((started.elapsed().as_secs_f64(), rss));
+                }
+                std::thread::sleep(every);
+            }
+            if let Some(rss) = vm_rss_bytes() {
+                samples.push((started.elapsed().as_secs_f64(), rss));
+            }
+            samples
+        });
+        RssSampler { stop, handle }
+    }
+
+    pub fn finish(self) -> RssReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let samples = self.handle.join().unwrap_or_default();
+        let half = samples.len() / 2;
+        let peak = |s: &[(f64, u64)]| s.iter().map(|(_, b)| *b).max().unwrap_or(0);
+        let first = peak(&samples[..half]);
+        let second = peak(&samples[half..]);
+        RssReport {
+            peak_bytes: peak(&samples),
+            first_half_peak_bytes: first,
+            second_half_peak_bytes: second,
+            growth_bytes: if half == 0 {
+                0
+            } else {
+                second as i64 - first as i64
+            },
+            samples,
+        }
+    }
 }
 
 /// Builds every standard read model from position 0 into `read_db` (which must hold
 /// no projection state yet) and reports the rate: the work of a full rebuild of all
-/// read models, reading the log once.
+/// read models, reading the log once. RSS is sampled every 100 ms meanwhile.
 pub async fn rebuild_benchmark(
     store: AnyStore,
     read_db: ReadDb,
@@ -456,13 +537,152 @@ pub async fn rebuild_benchmark(
         },
     )
     .await?;
+    let sampler = RssSampler::start(std::time::Duration::from_millis(100));
     let started = Instant::now();
-    let report = runner.catch_up().await?;
+    let report = runner.catch_up().await;
     let seconds = started.elapsed().as_secs_f64();
+    let rss = sampler.finish();
+    let report = report?;
     Ok(BenchReport {
         backend,
         events: report.events,
         seconds,
         events_per_sec: report.events as f64 / seconds.max(1e-9),
+        rss,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveLagReport {
+    pub backend: String,
+    /// Events appended during the paced run.
+    pub events: u64,
+    pub seconds: f64,
+    /// Achieved append rate.
+    pub events_per_sec: f64,
+    /// Lag of each event: from its append's acknowledgement (the commit) to the moment
+    /// every projection's committed checkpoint covered it.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Follows the log live with all six read models (caught up first) while `lanes`
+/// writers append single synthetic events at `rate` events/s in total for `seconds`;
+/// measures per-event lag (append acknowledged → every projection's checkpoint
+/// committed past it).
+pub async fn live_lag_benchmark(
+    store: AnyStore,
+    read_db: ReadDb,
+    rate: f64,
+    seconds: f64,
+) -> Result<LiveLagReport, ProjectionError> {
+    use std::sync::{Arc, Mutex};
+    let backend = read_db.backend().as_str().to_string();
+    let mut runner = ProjectionRunner::with_projections(
+        store.clone(),
+        read_db,
+        crate::models::standard_projections(),
+        RunnerConfig::default(),
+    )
+    .await?;
+    runner.catch_up().await?;
+    let mut checkpoints = runner.checkpoint_watch();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let follower = tokio::spawn(async move {
+        runner
+            .run_until(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    // When (Instant) the lowest checkpoint reached each value.
+    let seen: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
+    let collector = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while checkpoints.changed().await.is_ok() {
+                let position = *checkpoints.borrow_and_update();
+                seen.lock().expect("lock").push((position, Instant::now()));
+            }
+        })
+    };
+
+    let tenant = TenantId::parse("default").expect("valid tenant");
+    let lanes = 5usize;
+    let period = std::time::Duration::from_secs_f64(lanes as f64 / rate.max(1.0));
+    let per_lane = ((rate * seconds) / lanes as f64).ceil() as usize;
+    let started = Instant::now();
+    let mut writers = tokio::task::JoinSet::new();
+    for lane in 0..lanes {
+        let store = store.clone();
+        let tenant = tenant.clone();
+        writers.spawn(async move {
+            let mut acked: Vec<(u64, Instant)> = Vec::with_capacity(per_lane);
+            let mut index = 50_000_000 + lane as u64 * 1_000_000;
+            let mut queue: std::collections::VecDeque<(StreamId, NewEvent)> = Default::default();
+            let mut ticks = tokio::time::interval(period);
+            while acked.len() < per_lane {
+                if queue.is_empty() {
+                    for journey in synthetic_journeys(&tenant, index) {
+                        for event in journey.events {
+                            queue.push_back((journey.stream.clone(), event));
+                        }
+                    }
+                    index += 1;
+                }
+                ticks.tick().await;
+                let (stream, event) = queue.pop_front().expect("filled above");
+                let appended = store
+                    .append(&tenant, &stream, ExpectedVersion::Any, vec![event])
+                    .await?;
+                acked.push((appended.last_position, Instant::now()));
+            }
+            Ok::<_, ProjectionError>(acked)
+        });
+    }
+    let mut acked = Vec::new();
+    while let Some(result) = writers.join_next().await {
+        let lane = result.map_err(|e| ProjectionError::Config(format!("writer failed: {e}")))??;
+        acked.extend(lane);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let last = acked.iter().map(|(p, _)| *p).max().unwrap_or(0);
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while seen.lock().expect("lock").last().map_or(0, |(p, _)| *p) < last
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let _ = stop_tx.send(());
+    follower
+        .await
+        .map_err(|e| ProjectionError::Config(format!("follower failed: {e}")))??;
+    collector.abort();
+    let seen = seen.lock().expect("lock").clone();
+    let mut lags: Vec<f64> = acked
+        .iter()
+        .map(|(position, at)| {
+            let index = seen.partition_point(|(p, _)| p < position);
+            match seen.get(index) {
+                Some((_, covered)) => covered.saturating_duration_since(*at).as_secs_f64() * 1e3,
+                None => f64::INFINITY,
+            }
+        })
+        .collect();
+    lags.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        lags.get(((lags.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(LiveLagReport {
+        backend,
+        events: acked.len() as u64,
+        seconds: elapsed,
+        events_per_sec: acked.len() as f64 / elapsed.max(1e-9),
+        p50_ms: pick(0.50),
+        p99_ms: pick(0.99),
+        max_ms: lags.last().copied().unwrap_or(0.0),
     })
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
@@ -28,6 +28,17 @@ pub const MIGRATIONS_TABLE: &str = "_chartline_projection_migrations";
 
 /// Largest number of bound values in one statement (SQLite allows 32,766, PostgreSQL 65,535).
 const MAX_BINDS: usize = 30_000;
+
+/// Rows per upsert statement: a batch's rows are written with statements of these few
+/// sizes only (largest first), so each table has at most four distinct upsert
+/// statements, prepared once per connection and then reused from the statement cache.
+/// (A statement sized to each batch was parsed, and on PostgreSQL planned, anew for
+/// every flush.)
+const UPSERT_SIZES: [usize; 4] = [256, 32, 4, 1];
+
+/// Prepared statements kept per connection (the default of 100 is too few for six
+/// projections × their tables × four upsert sizes, plus their generations).
+const STATEMENT_CACHE: usize = 1_000;
 
 /// The storage class of a column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +305,21 @@ impl Backend {
         (MAX_BINDS / spec.columns.len()).max(1)
     }
 
+    /// Splits `rows` rows into statement sizes from [`UPSERT_SIZES`] (each within the
+    /// bind limit), largest first.
+    pub fn upsert_chunks(spec: &TableSpec, mut rows: usize) -> Vec<usize> {
+        let limit = Self::rows_per_upsert(spec);
+        let mut chunks = Vec::new();
+        for size in UPSERT_SIZES {
+            let size = size.min(limit);
+            while rows >= size {
+                chunks.push(size);
+                rows -= size;
+            }
+        }
+        chunks
+    }
+
     pub fn select_by_key(self, spec: &TableSpec, physical: &str) -> String {
         let condition = spec.columns[..spec.key]
             .iter()
@@ -351,10 +377,13 @@ impl ReadDb {
     /// projection tables are separate tables in it.
     pub async fn open(url: &str) -> Result<Self, ProjectionError> {
         let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = PgConnectOptions::from_str(url)
+                .map_err(|e| ProjectionError::Config(e.to_string()))?
+                .statement_cache_capacity(STATEMENT_CACHE);
             let pool = PgPoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(30))
-                .connect(url)
+                .connect_with(options)
                 .await?;
             ReadDb::Postgres(pool)
         } else if url.starts_with("sqlite:") || !url.contains("://") {
@@ -382,6 +411,7 @@ impl ReadDb {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(30))
+                .statement_cache_capacity(STATEMENT_CACHE)
                 .pragma("cache_size", "-65536");
             let pool = SqlitePoolOptions::new()
                 .max_connections(4)
@@ -474,6 +504,21 @@ impl Tx {
         }
     }
 
+    /// Lets this transaction's commit return before its WAL record is flushed to disk
+    /// (PostgreSQL `synchronous_commit = off`; SQLite in WAL mode with
+    /// `synchronous = NORMAL` already commits without a sync). Safe for projection
+    /// batches: the rows and the checkpoint are one transaction, so a server crash
+    /// can only lose whole batches, which the runner applies again from the older
+    /// checkpoint. Used for catch-up and rebuild batches, not the live tail.
+    pub async fn relax_durability(&mut self) -> Result<(), ProjectionError> {
+        if let Tx::Postgres(tx) = self {
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Executes a statement already in the backend's placeholder style.
     pub async fn execute(&mut self, sql: &str, binds: &[Cell]) -> Result<u64, ProjectionError> {
         let sql = sql.to_string();
@@ -530,18 +575,29 @@ impl Tx {
         self.fetch(&sql, binds, kinds).await
     }
 
-    /// Upserts rows (each a full row in column order) in as few statements as possible.
+    /// Upserts rows (each a full row in column order) with statements of a few fixed
+    /// sizes; `statements` caches the generated SQL per size (reset it when `physical`
+    /// changes).
     pub async fn upsert_rows(
         &mut self,
         spec: &TableSpec,
         physical: &str,
         rows: &[Vec<Cell>],
+        statements: &mut Vec<(usize, String)>,
     ) -> Result<(), ProjectionError> {
-        let per_statement = Backend::rows_per_upsert(spec);
         let backend = self.backend();
-        for chunk in rows.chunks(per_statement) {
-            let sql = backend.upsert(spec, physical, chunk.len());
-            let kinds = spec.kinds();
+        let mut offset = 0;
+        for size in Backend::upsert_chunks(spec, rows.len()) {
+            let chunk = &rows[offset..offset + size];
+            offset += size;
+            let sql = match statements.iter().find(|(n, _)| *n == size) {
+                Some((_, sql)) => sql.clone(),
+                None => {
+                    let sql = backend.upsert(spec, physical, size);
+                    statements.push((size, sql.clone()));
+                    sql
+                }
+            };
             match self {
                 Tx::Sqlite(tx) => {
                     let mut query = sqlx::query(AssertSqlSafe(sql));
@@ -555,8 +611,8 @@ impl Tx {
                 Tx::Postgres(tx) => {
                     let mut query = sqlx::query(AssertSqlSafe(sql));
                     for row in chunk {
-                        for (cell, kind) in row.iter().zip(&kinds) {
-                            query = bind_pg_typed(query, cell, *kind);
+                        for (cell, column) in row.iter().zip(spec.columns) {
+                            query = bind_pg_typed(query, cell, column.kind);
                         }
                     }
                     query.execute(&mut **tx).await?;

@@ -403,14 +403,20 @@ enum Attempted {
     Stopped,
 }
 
-/// One transaction: lock, check, apply, checkpoint, commit.
+/// One transaction: lock, check, apply, checkpoint, commit. `backlog`: more events
+/// follow this page (a catch-up or a rebuild), so the commit need not wait for the
+/// PostgreSQL WAL flush (see [`Tx::relax_durability`]).
 async fn commit_batch(
     db: &ReadDb,
     worker: &mut Worker,
     lane: Lane,
     events: &[Event<'_>],
+    backlog: bool,
 ) -> Result<Attempted, ProjectionError> {
     let mut tx = db.begin().await?;
+    if backlog {
+        tx.relax_durability().await?;
+    }
     let state = lock_state(&mut tx, worker.name).await?;
     match lane {
         Lane::Live => {
@@ -608,12 +614,13 @@ async fn process_page(
     lane: Lane,
     events: &[Event<'_>],
     policy: DeadLetterPolicy,
+    backlog: bool,
 ) -> Result<(), ProjectionError> {
     let mut start = 0;
     let mut end = events.len();
     let mut resyncs = 0;
     while start < events.len() && !worker.stopped {
-        match commit_batch(db, worker, lane, &events[start..end]).await? {
+        match commit_batch(db, worker, lane, &events[start..end], backlog).await? {
             Attempted::Committed => {
                 start = end;
                 end = events.len();
@@ -672,6 +679,9 @@ pub struct ProjectionRunner {
     db: ReadDb,
     slots: Vec<Slot>,
     config: RunnerConfig,
+    /// Lowest committed checkpoint of the running projections, published after every
+    /// page (the live-lag benchmark and tests wait on it).
+    checkpoint: tokio::sync::watch::Sender<u64>,
 }
 
 impl ProjectionRunner {
@@ -707,6 +717,7 @@ impl ProjectionRunner {
             db,
             slots,
             config,
+            checkpoint: tokio::sync::watch::channel(0).0,
         };
         runner.refresh().await?;
         Ok(runner)
@@ -718,6 +729,28 @@ impl ProjectionRunner {
 
     pub fn store(&self) -> &AnyStore {
         &self.store
+    }
+
+    /// The lowest checkpoint of the running projections, updated after each page is
+    /// committed by all of them.
+    pub fn checkpoint_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.checkpoint.subscribe()
+    }
+
+    fn publish_checkpoint(&self) {
+        if let Some(lowest) = self
+            .slots
+            .iter()
+            .filter(|s| !s.worker.stopped)
+            .map(|s| s.worker.position)
+            .min()
+        {
+            self.checkpoint.send_if_modified(|current| {
+                let changed = *current != lowest;
+                *current = lowest;
+                changed
+            });
+        }
     }
 
     pub fn names(&self) -> Vec<&'static str> {
@@ -789,11 +822,13 @@ impl ProjectionRunner {
                 .map(|(envelope, domain)| Event { envelope, domain })
                 .collect();
             report.events += page.len() as u64;
-            let result = self.apply_to_all(&events).await;
+            let backlog = page.len() == self.config.batch_size;
+            let result = self.apply_to_all(&events, backlog).await;
             if let Err(error) = result {
                 self.invalidate();
                 return Err(error);
             }
+            self.publish_checkpoint();
             if should_stop() {
                 break;
             }
@@ -802,7 +837,11 @@ impl ProjectionRunner {
         Ok(report)
     }
 
-    async fn apply_to_all(&mut self, events: &[Event<'_>]) -> Result<(), ProjectionError> {
+    async fn apply_to_all(
+        &mut self,
+        events: &[Event<'_>],
+        backlog: bool,
+    ) -> Result<(), ProjectionError> {
         let policy = self.config.policy;
         let db = &self.db;
         let workers = self
@@ -814,12 +853,14 @@ impl ProjectionRunner {
             // One SQLite writer at a time anyway: apply sequentially.
             Backend::Sqlite => {
                 for worker in workers {
-                    process_page(db, worker, Lane::Live, events, policy).await?;
+                    process_page(db, worker, Lane::Live, events, policy, backlog).await?;
                 }
             }
             Backend::Postgres => {
                 futures::future::try_join_all(
-                    workers.map(|worker| process_page(db, worker, Lane::Live, events, policy)),
+                    workers.map(|worker| {
+                        process_page(db, worker, Lane::Live, events, policy, backlog)
+                    }),
                 )
                 .await?;
             }
@@ -1004,7 +1045,7 @@ impl ProjectionRunner {
                 .zip(&domains)
                 .map(|(envelope, domain)| Event { envelope, domain })
                 .collect();
-            process_page(&self.db, worker, Lane::Shadow, &events, policy).await?;
+            process_page(&self.db, worker, Lane::Shadow, &events, policy, true).await?;
             if worker.stopped {
                 return Err(ProjectionError::Rejected(format!(
                     "rebuild of {} stopped at a poison event after position {} (policy stop); \
