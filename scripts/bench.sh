@@ -26,6 +26,9 @@ echo "== chartline bench commands" >&2
 echo "== chartline bench api" >&2
 "$BIN" bench api --out "$OUT/api.json" || echo "api bench failed (continuing)" >&2
 
+echo "== chartline bench ehr" >&2
+"$BIN" bench ehr --out "$OUT/ehr.json" || echo "ehr bench failed (continuing)" >&2
+
 # The identity benchmark is built by another part of the project; run it when present.
 if "$BIN" identity --help 2>/dev/null | grep -qE '^\s+bench\b'; then
     echo "== chartline identity bench" >&2

@@ -30,6 +30,8 @@ pub enum BenchCommand {
     Commands(crate::bench_commands::CommandBenchArgs),
     /// GraphQL API queries/s, audit replay latency and subscription fan-out.
     Api(crate::bench_api::ApiBenchArgs),
+    /// EHR write-back against the sandbox: encounters/s acknowledged, NoteSigned latency.
+    Ehr(crate::bench_ehr::EhrBenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -93,6 +95,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<std::process::ExitCode
         BenchCommand::Store(args) => run_store(args).await,
         BenchCommand::Commands(args) => crate::bench_commands::run(args).await,
         BenchCommand::Api(args) => crate::bench_api::run(args).await,
+        BenchCommand::Ehr(args) => crate::bench_ehr::run(args).await,
     }
 }
 

@@ -8,6 +8,7 @@
 mod bench_api;
 mod bench_cmd;
 mod bench_commands;
+mod bench_ehr;
 mod billing_cmd;
 mod config;
 mod demo_cmd;

@@ -30,7 +30,9 @@ use chartline_domain::patient::{IdentityStatus, Patient, PatientEvent};
 use chartline_infra::EventStore;
 use chartline_infra::checkpoint::{CHECKPOINT_CATEGORY, Checkpoint};
 use chartline_infra::command::{CommandContext, execute};
-use chartline_infra::store::{ReadScope, StoreError, Subscription, read_whole_stream};
+use chartline_infra::store::{
+    Direction, MAX_READ_LIMIT, ReadScope, StoreError, Subscription, read_whole_stream,
+};
 use chartline_proto::codec::decode;
 use chartline_proto::commands::CommandReply;
 use chartline_proto::{Actor, ActorKind, EventEnvelope, StreamId, TenantId};
@@ -49,6 +51,9 @@ type MakeCommand = Box<dyn Fn(DateTime<Utc>) -> EncounterCommand + Send + Sync>;
 
 /// Default checkpoint consumer name.
 pub const REACTOR_NAME: &str = "ehr-connector";
+
+/// Jobs in flight at once in `serve` (and the default of `chartline bench ehr`).
+pub const DEFAULT_CONCURRENCY: usize = 16;
 
 /// One artifact of one encounter to bring up to date.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,6 +288,34 @@ impl<S: EventStore> Connector<S> {
         Ok((history, events))
     }
 
+    /// Brings `cache` up to the stream's head, reading only what follows the versions
+    /// it already holds (streams are append-only, so the result equals a whole read).
+    async fn refresh(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        cache: &mut Loaded,
+    ) -> Result<(), String> {
+        loop {
+            let from = cache.history.last().map_or(1, |e| e.stream_version + 1);
+            let page = self
+                .inner
+                .store
+                .read_stream(tenant, stream, from, Direction::Forwards, MAX_READ_LIMIT)
+                .await
+                .map_err(|e| e.to_string())?;
+            let done = page.len() < MAX_READ_LIMIT;
+            for envelope in page {
+                let event = decode::<EncounterEvent>(&envelope).map_err(|e| e.to_string())?;
+                cache.history.push(envelope);
+                cache.events.push(event);
+            }
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
     async fn command(
         &self,
         job: &Job,
@@ -335,18 +368,24 @@ impl<S: EventStore> Connector<S> {
 
     /// Brings one artifact up to date in the EHR and records the outcome.
     pub async fn process(&self, job: &Job) -> JobOutcome {
+        self.process_cached(job, &mut Loaded::default()).await
+    }
+
+    /// [`Connector::process`] with the stream as last read (brought up to date first).
+    async fn process_cached(&self, job: &Job, cache: &mut Loaded) -> JobOutcome {
         let name = artifact_name(&job.artifact);
         let _key = self
             .inner
             .locks
             .lock(format!("{}/{}/{name}", job.tenant, job.stream))
             .await;
-        let (history, events) = match self.load(&job.tenant, &job.stream).await {
-            Ok(loaded) => loaded,
-            Err(error) => return JobOutcome::Error(error),
-        };
-        let (due_version, covered_version) = write_back_versions(&history, &events, &job.artifact);
-        let mut record = EncounterRecord::from_events(job.tenant.as_str(), &events);
+        if let Err(error) = self.refresh(&job.tenant, &job.stream, cache).await {
+            *cache = Loaded::default();
+            return JobOutcome::Error(error);
+        }
+        let (history, events) = (&cache.history, &cache.events);
+        let (due_version, covered_version) = write_back_versions(history, events, &job.artifact);
+        let mut record = EncounterRecord::from_events(job.tenant.as_str(), events);
         if due_version == 0 || !due_artifacts(&record.state).contains(&job.artifact) {
             return JobOutcome::NotDue;
         }
@@ -434,11 +473,14 @@ impl<S: EventStore> Connector<S> {
         // our read and the request (or the request was an earlier attempt's), read again.
         let loaded_version = history.last().map_or(0, |e| e.stream_version);
         if requested_version != loaded_version + 1 {
-            match self.load(&job.tenant, &job.stream).await {
-                Ok((_, events)) => {
-                    record = EncounterRecord::from_events(job.tenant.as_str(), &events);
+            match self.refresh(&job.tenant, &job.stream, cache).await {
+                Ok(()) => {
+                    record = EncounterRecord::from_events(job.tenant.as_str(), &cache.events);
                 }
-                Err(error) => return JobOutcome::Error(error),
+                Err(error) => {
+                    *cache = Loaded::default();
+                    return JobOutcome::Error(error);
+                }
             }
         }
         let mut first: Option<Written> = None;
@@ -525,6 +567,32 @@ impl<S: EventStore> Connector<S> {
         .await
     }
 
+    /// Works through the artifacts queued for `first`'s stream, in order, one at a time
+    /// (so this connector never races itself on the stream), until none is left.
+    async fn process_stream(&self, first: &Job, queued: &StreamQueue) {
+        let key = (first.tenant.clone(), first.stream.clone());
+        let mut cache = Loaded::default();
+        loop {
+            let artifacts = {
+                let mut map = queued.lock().expect("queued");
+                match map.get_mut(&key) {
+                    Some(artifacts) if !artifacts.is_empty() => std::mem::take(artifacts),
+                    _ => {
+                        map.remove(&key);
+                        return;
+                    }
+                }
+            };
+            for artifact in artifacts {
+                let job = Job {
+                    artifact,
+                    ..first.clone()
+                };
+                log_outcome(&job, &self.process_cached(&job, &mut cache).await);
+            }
+        }
+    }
+
     /// Every artifact due for one encounter (after an identity resolution).
     async fn process_all_due(&self, tenant: &TenantId, stream: &StreamId) {
         if stream.category() == "rpm" {
@@ -565,13 +633,31 @@ impl<S: EventStore> Connector<S> {
             .with_poll_interval(Duration::from_millis(200));
         let limit = Arc::new(Semaphore::new(concurrency.max(1)));
         let in_flight: Arc<Mutex<BTreeMap<u64, usize>>> = Arc::default();
+        // Artifacts waiting for their stream's running task (see `StreamQueue`).
+        let queued: StreamQueue = Arc::default();
         let mut tasks = tokio::task::JoinSet::new();
         let mut saved = start;
         let mut dispatched = start;
+        // Last dispatched event that is not a checkpoint: a quiet-time save only covers
+        // real work, so checkpoint events (ours or another reactor's) never trigger saves.
+        let mut last_work = start;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
             while tasks.try_join_next().is_some() {}
             let event: EventEnvelope = tokio::select! {
+                // `next` is cancel-safe (it only changes state after a read completes).
+                _ = tick.tick() => {
+                    // Stream tasks outlive the dispatch of their stream's last event:
+                    // once they finish in a quiet log, let the checkpoint catch up.
+                    let safe = low_watermark(&in_flight, dispatched).min(last_work);
+                    if safe > saved {
+                        checkpoint.save(safe).await.map_err(|e| e.to_string())?;
+                        saved = safe;
+                    }
+                    continue;
+                }
                 event = subscription.next() => match event {
                     Ok(event) => event,
                     Err(error) if error.is_retryable() => {
@@ -584,17 +670,41 @@ impl<S: EventStore> Connector<S> {
                 _ = &mut shutdown => break,
             };
             let position = event.global_position;
+            if event.category() != CHECKPOINT_CATEGORY {
+                last_work = position;
+            }
             for work in self.work_for(&event, &mut index) {
+                // One task per encounter stream: while it runs, a new trigger for that
+                // stream joins its queue instead of taking a permit of its own. The
+                // task's own (older) position stays in flight until the queue is empty,
+                // so the low watermark never passes the coalesced event.
+                if let Work::Job(job) = &work {
+                    let mut map = queued.lock().expect("queued");
+                    if let Some(artifacts) = map.get_mut(&(job.tenant.clone(), job.stream.clone()))
+                    {
+                        if !artifacts.contains(&job.artifact) {
+                            artifacts.push(job.artifact.clone());
+                        }
+                        continue;
+                    }
+                }
                 let permit = limit.clone().acquire_owned().await.expect("semaphore open");
                 *in_flight
                     .lock()
                     .expect("in flight")
                     .entry(position)
                     .or_default() += 1;
+                if let Work::Job(job) = &work {
+                    queued.lock().expect("queued").insert(
+                        (job.tenant.clone(), job.stream.clone()),
+                        vec![job.artifact.clone()],
+                    );
+                }
                 let (connector, in_flight) = (self.clone(), in_flight.clone());
+                let queued = queued.clone();
                 tasks.spawn(async move {
                     match work {
-                        Work::Job(job) => log_outcome(&job, &connector.process(&job).await),
+                        Work::Job(job) => connector.process_stream(&job, &queued).await,
                         Work::AllDue(tenant, stream) => {
                             connector.process_all_due(&tenant, &stream).await
                         }
@@ -688,6 +798,17 @@ impl<S: EventStore> Connector<S> {
         }
     }
 }
+
+/// An encounter stream as far as it was read, envelopes and decoded events.
+#[derive(Default)]
+struct Loaded {
+    history: Vec<EventEnvelope>,
+    events: Vec<EncounterEvent>,
+}
+
+/// Per (tenant, stream) with a running job task: the artifacts triggered since it last
+/// looked. An entry exists exactly while its task runs.
+type StreamQueue = Arc<Mutex<HashMap<(TenantId, StreamId), Vec<WriteBackArtifact>>>>;
 
 enum Work {
     Job(Job),
