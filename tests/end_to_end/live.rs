@@ -467,13 +467,85 @@ async fn write_back_failures_reach_subscribers_and_the_reconciled_view() {
     // The reconciled view says the same, from the read models.
     let (_, body) = gql(
         app.port,
-        Some(ops),
+        Some(ops.clone()),
         "query($id: ID!) { reconciledEncounter(id: $id) { ehr { artifact state } discrepancies { code } } }",
         json!({"id": visit.encounter_id}),
     )
     .await;
     let codes = body["data"]["reconciledEncounter"]["discrepancies"].to_string();
     assert!(codes.contains("WRITE_BACK_FAILED"), "{body}");
+
+    // An operator replays the dead DocumentReference through retryWriteBack: the same
+    // command path (the EHR still refuses the token, so it fails again, recorded once
+    // more); the request is on the operator's account; the same commandId again
+    // changes nothing; a clinician may not replay.
+    let retry = "mutation($e: ID!, $c: ID!) { retryWriteBack(encounterId: $e, commandId: $c, artifact: \"document-reference\") { accepted version code message } }";
+    let command_id = Uuid::now_v7();
+    let vars = json!({"e": visit.encounter_id, "c": command_id});
+    let (_, denied) = gql(
+        app.port,
+        Some(token(&app, "clinic-a", &[Role::Clinician])),
+        retry,
+        vars.clone(),
+    )
+    .await;
+    assert_eq!(
+        crate::api::error_code(&denied),
+        Some("FORBIDDEN"),
+        "{denied}"
+    );
+    let (_, first) = gql(app.port, Some(ops.clone()), retry, vars.clone()).await;
+    assert_eq!(first["data"]["retryWriteBack"]["accepted"], true, "{first}");
+    let stream = StreamId::for_aggregate("encounter", visit.encounter_id);
+    let after_first = read_whole_stream(&app.runtime.store, &tenant(), &stream)
+        .await
+        .unwrap();
+    let manual: Vec<_> = after_first
+        .iter()
+        .filter(|e| {
+            e.event_type == "WriteBackRequested" && e.metadata.actor.id.starts_with("tester-")
+        })
+        .collect();
+    assert_eq!(manual.len(), 1, "one request on the operator's account");
+    let last_document = after_first
+        .iter()
+        .rev()
+        .find(|e| e.data["artifact"]["resource"] == "document_reference")
+        .unwrap();
+    assert_eq!(last_document.event_type, "WriteBackFailed");
+    assert_eq!(
+        last_document.metadata.actor.id, "ehr-connector",
+        "the outcome is the connector's, not the operator's"
+    );
+    let (_, again) = gql(app.port, Some(ops.clone()), retry, vars).await;
+    assert_eq!(again["data"]["retryWriteBack"]["accepted"], true, "{again}");
+    let after_again = read_whole_stream(&app.runtime.store, &tenant(), &stream)
+        .await
+        .unwrap();
+    // (The connector may still be recording other artifacts' outcomes: compare the
+    // DocumentReference's events only.)
+    let document = |events: &[chartline_proto::EventEnvelope]| -> Vec<(u64, String)> {
+        events
+            .iter()
+            .filter(|e| e.data["artifact"]["resource"] == "document_reference")
+            .map(|e| (e.stream_version, e.event_type.clone()))
+            .collect()
+    };
+    assert_eq!(
+        document(&after_again),
+        document(&after_first),
+        "a re-sent commandId recorded something"
+    );
+    // Bad input changes nothing.
+    let (_, bad) = gql(
+        app.port,
+        Some(ops.clone()),
+        "mutation($e: ID!, $c: ID!) { retryWriteBack(encounterId: $e, commandId: $c, artifact: \"fax\") { accepted code } }",
+        json!({"e": visit.encounter_id, "c": Uuid::now_v7()}),
+    )
+    .await;
+    assert_eq!(bad["data"]["retryWriteBack"]["accepted"], false, "{bad}");
+    assert_eq!(bad["data"]["retryWriteBack"]["code"], "validation", "{bad}");
     let _ = client.child.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

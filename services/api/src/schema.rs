@@ -749,6 +749,7 @@ async fn command(
     let claims = claims(ctx)?;
     let allowed = match service {
         "billing" => claims.has_any(&[Role::Billing, Role::Platform]),
+        "ehr" => claims.has_any(&[Role::Ops, Role::Platform]),
         _ => claims.has_any(&[Role::Clinician, Role::Platform]),
     };
     if !allowed {
@@ -817,6 +818,7 @@ macro_rules! encounter_mutations {
                     "billing" => "billing",
                     "rpm" => "rpm",
                     "identity" => "identity",
+                    "ehr" => "ehr",
                     _ => return Err(api_error(ApiErrorCode::BadInput, "unknown service")),
                 };
                 self::command(ctx, service, &command, command_id, None, payload).await
@@ -842,6 +844,21 @@ macro_rules! encounter_mutations {
                 input: Json<serde_json::Value>,
             ) -> async_graphql::Result<CommandResult> {
                 self::command(ctx, "rpm", "record_readings", command_id, Some(("enrollment_id", enrollment_id)), input).await
+            }
+            /// Replays one EHR write-back after a fix (a dead 401, a BAA renewed, …):
+            /// `artifact` is appointment, encounter, document-reference, charge-item or
+            /// task:<uuid>. Accepted once the replay's outcome (acknowledged, failed or
+            /// blocked) is recorded on the encounter stream; a retry by a person counts
+            /// as a manual touch.
+            async fn retry_write_back(
+                &self,
+                ctx: &Context<'_>,
+                encounter_id: ID,
+                command_id: ID,
+                artifact: String,
+            ) -> async_graphql::Result<CommandResult> {
+                let input = Json(serde_json::json!({ "artifact": artifact }));
+                self::command(ctx, "ehr", "retry_write_back", command_id, Some(("encounter_id", encounter_id)), input).await
             }
             /// Resolves an identity review (`input`: resolution, reviewer_id, at).
             async fn resolve_identity_review(

@@ -549,6 +549,26 @@ pub async fn start(
                 )
             });
         }
+        // `retry_write_back` on <root>.cmd.<tenant>.ehr.* (GraphQL retryWriteBack).
+        let (commands, bus, command_root, command_stop) = (
+            connector.clone(),
+            runtime.bus.clone(),
+            root.clone(),
+            shutdown_signal(stop),
+        );
+        tasks.spawn(async move {
+            let result = chartline_ehr_connector::commands::serve(
+                bus,
+                commands,
+                &command_root,
+                command_stop,
+            )
+            .await;
+            (
+                "ehr-commands".to_string(),
+                result.map_err(anyhow::Error::from),
+            )
+        });
         let (wake, stop) = (store.head_watch(), shutdown_signal(stop));
         tasks.spawn(async move {
             let result = connector.run(wake, 16, stop).await;

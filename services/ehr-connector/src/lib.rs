@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod commands;
 pub mod fhir;
 pub mod reactor;
 pub mod reconcile;
@@ -29,6 +30,6 @@ pub mod sandbox;
 pub mod smart;
 
 pub use client::{Auth, EhrEndpoint, FhirClient, RetryPolicy, Secret};
-pub use reactor::{Connector, Job, JobOutcome};
+pub use reactor::{Connector, Job, JobOutcome, Replay};
 pub use sandbox::{SandboxConfig, SandboxEhr};
 pub use smart::{SigningAlgorithm, SigningKey, SmartAuth, SmartConfig, SmartError};

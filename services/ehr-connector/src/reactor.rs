@@ -62,8 +62,29 @@ pub struct Job {
     pub stream: StreamId,
     pub artifact: WriteBackArtifact,
     /// Set by an explicit replay (`retry_write_back`): bypasses the up-to-date check
-    /// and uses fresh command ids.
-    pub replay: Option<Uuid>,
+    /// and derives its command ids from the replay's id.
+    pub replay: Option<Replay>,
+}
+
+/// An explicit replay of one artifact, after a fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    /// The replay's command ids derive from it: the same id again finds its earlier
+    /// commands (idempotent); a new id writes again.
+    pub id: Uuid,
+    /// Who asked for it: its `WriteBackRequested` carries this actor (a person's retry
+    /// is a manual touch); outcomes are still recorded by the connector.
+    pub requested_by: Option<Actor>,
+}
+
+impl Replay {
+    /// A fresh replay on the connector's own account.
+    pub fn fresh() -> Replay {
+        Replay {
+            id: Uuid::now_v7(),
+            requested_by: None,
+        }
+    }
 }
 
 /// What a job did.
@@ -253,6 +274,11 @@ impl<S: EventStore> Connector<S> {
         self
     }
 
+    /// The event store it reads and records outcomes in.
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
     pub fn client(&self) -> &FhirClient {
         &self.inner.client
     }
@@ -324,10 +350,22 @@ impl<S: EventStore> Connector<S> {
         make: impl Fn(DateTime<Utc>) -> EncounterCommand,
         mut at: DateTime<Utc>,
     ) -> CommandReply {
+        // A replay's request is on the account of whoever asked for it.
+        let requester = match (&job.replay, make(at)) {
+            (
+                Some(Replay {
+                    requested_by: Some(actor),
+                    ..
+                }),
+                EncounterCommand::RequestWriteBack { .. },
+            ) => Some(actor.clone()),
+            _ => None,
+        };
         let context = CommandContext {
             tenant: job.tenant.clone(),
             command_id,
-            actor: Actor::new(ActorKind::Service, self.inner.name.clone()),
+            actor: requester
+                .unwrap_or_else(|| Actor::new(ActorKind::Service, self.inner.name.clone())),
             correlation_id,
             source: "ehr-connector".into(),
         };
@@ -402,7 +440,11 @@ impl<S: EventStore> Connector<S> {
         if !identity.allows_chart_writes() {
             return JobOutcome::Parked(identity);
         }
-        let replay = job.replay.map(|id| id.to_string()).unwrap_or_default();
+        let replay = job
+            .replay
+            .as_ref()
+            .map(|r| r.id.to_string())
+            .unwrap_or_default();
         let ids = |step: &str| {
             derived_id(&[
                 "ehr-connector",
@@ -551,6 +593,28 @@ impl<S: EventStore> Connector<S> {
         }
     }
 
+    /// Replays one artifact on behalf of `requested_by`, idempotently by `replay_id`
+    /// (the `retry_write_back` command: the command id is the replay id).
+    pub async fn retry_write_back_as(
+        &self,
+        tenant: &TenantId,
+        encounter_id: Uuid,
+        artifact: WriteBackArtifact,
+        replay_id: Uuid,
+        requested_by: Actor,
+    ) -> JobOutcome {
+        self.process(&Job {
+            tenant: tenant.clone(),
+            stream: StreamId::for_aggregate("encounter", encounter_id),
+            artifact,
+            replay: Some(Replay {
+                id: replay_id,
+                requested_by: Some(requested_by),
+            }),
+        })
+        .await
+    }
+
     /// Replays one artifact now (after a fix for a dead write-back), whatever its state.
     pub async fn retry_write_back(
         &self,
@@ -562,7 +626,7 @@ impl<S: EventStore> Connector<S> {
             tenant: tenant.clone(),
             stream: StreamId::for_aggregate("encounter", encounter_id),
             artifact,
-            replay: Some(Uuid::now_v7()),
+            replay: Some(Replay::fresh()),
         })
         .await
     }

@@ -549,7 +549,7 @@ async fn concurrent_writes_of_one_key_are_serialized_where_the_server_races() {
     };
     let outcomes = futures::future::join_all((0..8).map(|i| {
         let (connector, mut job) = (connector.clone(), job.clone());
-        job.replay = (i % 2 == 1).then(Uuid::now_v7); // half of them force a fresh write
+        job.replay = (i % 2 == 1).then(chartline_ehr_connector::Replay::fresh); // half of them force a fresh write
         async move { connector.process(&job).await }
     }))
     .await;
