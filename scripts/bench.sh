@@ -26,6 +26,9 @@ echo "== chartline bench commands" >&2
 echo "== chartline bench api" >&2
 "$BIN" bench api --out "$OUT/api.json" || echo "api bench failed (continuing)" >&2
 
+echo "== chartline projections bench" >&2
+"$BIN" projections bench --out "$OUT/projections.json" || echo "projections bench failed (continuing)" >&2
+
 echo "== chartline bench ehr" >&2
 "$BIN" bench ehr --out "$OUT/ehr.json" || echo "ehr bench failed (continuing)" >&2
 

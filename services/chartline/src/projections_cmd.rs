@@ -63,6 +63,35 @@ pub enum ProjectionsCommand {
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// Benchmark (issue 5): rebuild rate of all read models, live lag at a paced append
+    /// rate and RSS during the rebuild, each backend on a fresh database.
+    Bench(ProjectionBenchArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ProjectionBenchArgs {
+    /// Backends to measure.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    backends: Vec<String>,
+    /// Synthetic events in the log before the rebuild.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Paced append rate of the live-lag run (events/s).
+    #[arg(long, default_value_t = 500.0)]
+    live_rate: f64,
+    /// Seconds of the live-lag run.
+    #[arg(long, default_value_t = 20.0)]
+    live_seconds: f64,
+    /// PostgreSQL server used to create a throw-away database (any existing database).
+    #[arg(
+        long,
+        env = "CHARTLINE_BENCH_PG",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    pg_url: String,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "target/bench/projections.json")]
+    out: String,
 }
 
 fn failure(error: &ProjectionError) -> ExitCode {
@@ -79,6 +108,9 @@ pub async fn run(
     args: ProjectionArgs,
     command: ProjectionsCommand,
 ) -> anyhow::Result<ExitCode> {
+    if let ProjectionsCommand::Bench(bench) = command {
+        return run_bench(bench).await;
+    }
     let read_url = match &args.read_store {
         Some(url) => url.clone(),
         None if store.url.starts_with("nats://") => {
@@ -279,5 +311,144 @@ pub async fn run(
                 Err(error) => Ok(failure(&error)),
             }
         }
+        // Handled before the store is opened (the bench makes its own databases).
+        ProjectionsCommand::Bench(bench) => run_bench(bench).await,
     }
+}
+
+/// One backend of the projections benchmark: fill, rebuild, follow live.
+async fn bench_backend(
+    args: &ProjectionBenchArgs,
+    url: &str,
+    figures: &mut Vec<serde_json::Value>,
+    backend: &str,
+) -> anyhow::Result<()> {
+    use chartline_infra::EventStore;
+    use chartline_projections::bench;
+    let figure = crate::bench_commands::figure;
+    let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
+    let store = AnyStore::open(url).await?;
+    let head = store.head_position().await?;
+    let started = std::time::Instant::now();
+    let written = bench::append_synthetic(&store, head, args.events.saturating_sub(head)).await?;
+    eprintln!(
+        "{backend}: appended {written} events in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let rebuild = bench::rebuild_benchmark(store.clone(), ReadDb::open(url).await?).await?;
+    eprintln!(
+        "{backend}: rebuilt {} events in {:.1} s = {:.0} events/s",
+        rebuild.events, rebuild.seconds, rebuild.events_per_sec
+    );
+    let goal = if backend == "sqlite" {
+        100_000.0
+    } else {
+        50_000.0
+    };
+    figures.push(figure(
+        &format!("{backend}.rebuild"),
+        &format!(
+            "all six read models built from position 0 over {} events (read models in the store's database)",
+            rebuild.events
+        ),
+        rebuild.events_per_sec,
+        "events/s",
+        Some((">=", goal)),
+    ));
+    figures.push(figure(
+        &format!("{backend}.rebuild.peak_rss"),
+        "peak VmRSS sampled every 100 ms during the rebuild",
+        mib(rebuild.rss.peak_bytes as f64),
+        "MiB",
+        None,
+    ));
+    figures.push(figure(
+        &format!("{backend}.rebuild.rss_growth"),
+        "peak VmRSS of the rebuild's second half minus its first half (flat: < 64 MiB)",
+        mib(rebuild.rss.growth_bytes as f64),
+        "MiB",
+        Some(("<", 64.0)),
+    ));
+    let live = bench::live_lag_benchmark(
+        store.clone(),
+        ReadDb::open(url).await?,
+        args.live_rate,
+        args.live_seconds,
+    )
+    .await?;
+    eprintln!(
+        "{backend}: live {} events at {:.0}/s: lag p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        live.events, live.events_per_sec, live.p50_ms, live.p99_ms, live.max_ms
+    );
+    figures.push(figure(
+        &format!("{backend}.live.rate"),
+        "achieved paced append rate of the live-lag run (5 writers, 1 event per append)",
+        live.events_per_sec,
+        "events/s",
+        None,
+    ));
+    figures.push(figure(
+        &format!("{backend}.live.lag_p50"),
+        "append acknowledged -> all six checkpoints committed past it, p50",
+        live.p50_ms,
+        "ms",
+        None,
+    ));
+    figures.push(figure(
+        &format!("{backend}.live.lag_p99"),
+        "append acknowledged -> all six checkpoints committed past it, p99",
+        live.p99_ms,
+        "ms",
+        Some(("<", 100.0)),
+    ));
+    Ok(())
+}
+
+async fn run_bench(args: ProjectionBenchArgs) -> anyhow::Result<ExitCode> {
+    let mut figures = Vec::new();
+    for backend in &args.backends {
+        match backend.as_str() {
+            "sqlite" => {
+                let dir = std::path::Path::new("target/bench")
+                    .join(format!("projections-{}", Uuid::new_v4().simple()));
+                let url = format!("sqlite://{}/events.db", dir.display());
+                let result = bench_backend(&args, &url, &mut figures, "sqlite").await;
+                let _ = std::fs::remove_dir_all(&dir);
+                result?;
+            }
+            "postgres" => {
+                let name = format!("chartline_pbench_{}", Uuid::new_v4().simple());
+                let admin = sqlx::PgPool::connect(&args.pg_url)
+                    .await
+                    .context("PostgreSQL for the projections bench")?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&admin)
+                    .await?;
+                let base = args
+                    .pg_url
+                    .rsplit_once('/')
+                    .map_or(args.pg_url.as_str(), |(b, _)| b);
+                let url = format!("{base}/{name}");
+                let result = bench_backend(&args, &url, &mut figures, "postgres").await;
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&admin)
+                .await;
+                result?;
+            }
+            other => anyhow::bail!("unknown backend {other}: sqlite or postgres"),
+        }
+    }
+    if let Some(hwm) = chartline_projections::bench::vm_hwm_bytes() {
+        figures.push(crate::bench_commands::figure(
+            "process.peak_rss",
+            "VmHWM of the benchmark process (includes filling the log)",
+            hwm as f64 / (1024.0 * 1024.0),
+            "MiB",
+            None,
+        ));
+    }
+    crate::bench_commands::report("projections", &figures, &args.out)?;
+    Ok(ExitCode::SUCCESS)
 }
