@@ -5,19 +5,9 @@
 # Idempotent; fails loudly, never skips.
 set -euo pipefail
 
-log() { printf '[ensure-browser] %s\n' "$*" >&2; }
-die() { printf '[ensure-browser] FATAL: %s\n' "$*" >&2; exit 1; }
-
-apt_install() {
-  [ "$(id -u)" = 0 ] || die "$* missing and not root: install it (apt-get install $*)"
-  command -v apt-get >/dev/null || die "$* missing and apt-get is not available"
-  log "installing $* from Debian packages"
-  if [ -z "${CHARTLINE_APT_UPDATED:-}" ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
-    export CHARTLINE_APT_UPDATED=1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null || die "apt-get install $* failed"
-}
+LOG_TAG=ensure-browser
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 command -v node >/dev/null || apt_install nodejs
 command -v npm >/dev/null || apt_install npm

@@ -7,8 +7,9 @@ set -euo pipefail
 
 PG_PORT=5432
 NATS_PORT=4222
-log() { printf '[ensure-services] %s\n' "$*" >&2; }
-die() { printf '[ensure-services] FATAL: %s\n' "$*" >&2; exit 1; }
+LOG_TAG=ensure-services
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -19,17 +20,6 @@ wait_port() {
     sleep 0.5
   done
   die "$name did not open 127.0.0.1:$port within 30 s"
-}
-
-apt_install() {
-  [ "$(id -u)" = 0 ] || die "$* missing and not root: install it (apt-get install $*) or start it yourself"
-  command -v apt-get >/dev/null || die "$* missing and apt-get is not available"
-  log "installing $* from Debian packages"
-  if [ -z "${CHARTLINE_APT_UPDATED:-}" ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
-    export CHARTLINE_APT_UPDATED=1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null || die "apt-get install $* failed"
 }
 
 psql_pg() { psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"; }

@@ -345,16 +345,38 @@ where
     A::Command: serde::de::DeserializeOwned + serde::Serialize + Send + Sync,
     S: EventStore,
 {
+    serve_requests(bus, root, spec.name, shutdown, move |subject, payload| {
+        let store = store.clone();
+        async move { handle_message::<A, S>(&spec, &store, &subject, &payload).await }
+    })
+    .await
+}
+
+/// The request/reply loop every command service runs: a queue subscription on
+/// `<root>.cmd.*.<service>.*` (one instance handles each command), each message handled
+/// on its own task and answered with the handler's reply; on `shutdown` it stops taking
+/// messages and drains the ones in flight (30 s at most).
+pub async fn serve_requests<H, F>(
+    bus: Bus,
+    root: &str,
+    service: &str,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    handle: H,
+) -> Result<(), crate::bus::BusError>
+where
+    H: Fn(String, Vec<u8>) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = CommandReply> + Send + 'static,
+{
     let mut subscription = bus
         .queue_subscribe(
-            &format!("{root}.cmd.*.{}.*", spec.name),
-            &format!("chartline-{}", spec.name),
+            &format!("{root}.cmd.*.{service}.*"),
+            &format!("chartline-{service}"),
         )
         .await?;
     let mut in_flight = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        let message: BusMessage = tokio::select! {
+        let mut message: BusMessage = tokio::select! {
             message = subscription.next() => match message {
                 Some(message) => message,
                 None => break,
@@ -363,11 +385,12 @@ where
         };
         // Reap finished handlers so the set stays small.
         while in_flight.try_join_next().is_some() {}
-        let store = store.clone();
+        let reply = handle(
+            message.subject.clone(),
+            std::mem::take(&mut message.payload),
+        );
         in_flight.spawn(async move {
-            let reply =
-                handle_message::<A, S>(&spec, &store, &message.subject, &message.payload).await;
-            let body = serde_json::to_vec(&reply).expect("replies serialize");
+            let body = serde_json::to_vec(&reply.await).expect("replies serialize");
             message.respond(body).await;
         });
     }
@@ -377,10 +400,7 @@ where
         .await
         .is_err()
     {
-        tracing::warn!(
-            service = spec.name,
-            "shutdown: commands still running after 30 s"
-        );
+        tracing::warn!(service, "shutdown: commands still running after 30 s");
     }
     Ok(())
 }

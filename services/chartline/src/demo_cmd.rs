@@ -117,7 +117,7 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
     let sandbox = SandboxEhr::build(
         "127.0.0.1:0",
         SandboxConfig {
-            database_url: sandbox_database(&store_url),
+            database_url: serve_cmd::sandbox_database(&store_url),
             bearer_token: None,
             smart: None,
         },
@@ -542,19 +542,6 @@ fn fmt_counts(counts: &BTreeMap<String, u64>) -> String {
         .map(|(name, count)| format!("{name} {count}"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// The sandbox EHR's SQLite file: next to the store's, or under `data/`.
-fn sandbox_database(store_url: &str) -> String {
-    match store_url.strip_prefix("sqlite://") {
-        Some(path) => format!(
-            "sqlite://{}",
-            std::path::Path::new(path)
-                .with_file_name("sandbox-ehr.db")
-                .display()
-        ),
-        None => "sqlite://data/sandbox-ehr.db".to_string(),
-    }
 }
 
 struct RpmMonth {

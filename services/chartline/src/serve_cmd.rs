@@ -451,15 +451,7 @@ pub async fn start(
             .context("the ehr component needs --ehr-url (a FHIR base URL, or `sandbox`)")?;
         let mut sandbox_token_url = None;
         if base_url == "sandbox" {
-            let database = match runtime.store_url.strip_prefix("sqlite://") {
-                Some(path) => format!(
-                    "sqlite://{}",
-                    std::path::Path::new(path)
-                        .with_file_name("sandbox-ehr.db")
-                        .display()
-                ),
-                None => "sqlite://data/sandbox-ehr.db".to_string(),
-            };
+            let database = sandbox_database(&runtime.store_url);
             // With SMART flags, the sandbox registers this client's public key.
             let smart = match (
                 args.ehr_smart.signing_key()?,
@@ -596,6 +588,19 @@ pub async fn start(
         });
     }
     Ok(tasks)
+}
+
+/// The sandbox EHR's SQLite file: next to the event store's file, or under `data/`.
+pub fn sandbox_database(store_url: &str) -> String {
+    match store_url.strip_prefix("sqlite://") {
+        Some(path) => format!(
+            "sqlite://{}",
+            std::path::Path::new(path)
+                .with_file_name("sandbox-ehr.db")
+                .display()
+        ),
+        None => "sqlite://data/sandbox-ehr.db".to_string(),
+    }
 }
 
 /// The token signing secret: `CHARTLINE_JWT_SECRET`, or a random one kept in

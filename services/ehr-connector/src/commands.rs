@@ -19,11 +19,11 @@
 
 use chartline_infra::EventStore;
 use chartline_infra::bus::{Bus, BusError};
+use chartline_infra::command::serve_requests;
 use chartline_infra::store::Direction;
 use chartline_proto::commands::{CommandReply, CommandRequest, RejectionCode};
 use chartline_proto::{StreamId, TenantId};
 use serde_json::Value;
-use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::fhir::parse_artifact;
@@ -41,39 +41,18 @@ fn rejected(code: RejectionCode, message: impl Into<String>) -> CommandReply {
 }
 
 /// Serves `retry_write_back` until `shutdown` resolves (queue group: one instance
-/// handles each command).
+/// handles each command; in-flight commands are drained).
 pub async fn serve<S: EventStore>(
     bus: Bus,
     connector: Connector<S>,
     root: &str,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), BusError> {
-    let mut subscription = bus
-        .queue_subscribe(
-            &format!("{root}.cmd.*.{SERVICE}.*"),
-            &format!("chartline-{SERVICE}"),
-        )
-        .await?;
-    let mut in_flight = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let message = tokio::select! {
-            message = subscription.next() => match message {
-                Some(message) => message,
-                None => break,
-            },
-            _ = &mut shutdown => break,
-        };
-        while in_flight.try_join_next().is_some() {}
+    serve_requests(bus, root, SERVICE, shutdown, move |subject, payload| {
         let connector = connector.clone();
-        in_flight.spawn(async move {
-            let reply = handle(&connector, &message.subject, &message.payload).await;
-            let body = serde_json::to_vec(&reply).expect("replies serialize");
-            message.respond(body).await;
-        });
-    }
-    while in_flight.join_next().await.is_some() {}
-    Ok(())
+        async move { handle(&connector, &subject, &payload).await }
+    })
+    .await
 }
 
 /// Handles one command message (also used directly by tests).
