@@ -203,6 +203,23 @@ async fn lock_state(tx: &mut Tx, name: &str) -> Result<StateRow, ProjectionError
             &STATE_KINDS,
         )
         .await?;
+    state_row(rows, name)
+}
+
+/// The state row as last committed, without locking it (no write transaction): enough
+/// to notice stops, resumes and swaps; every batch re-checks under the lock.
+async fn read_state(db: &ReadDb, name: &str) -> Result<StateRow, ProjectionError> {
+    let rows = db
+        .fetch(
+            &format!("SELECT {STATE_COLUMNS} FROM projection_state WHERE projection = ?"),
+            &[Cell::Text(name.into())],
+            &STATE_KINDS,
+        )
+        .await?;
+    state_row(rows, name)
+}
+
+fn state_row(rows: Vec<Vec<Cell>>, name: &str) -> Result<StateRow, ProjectionError> {
     let row = rows
         .into_iter()
         .next()
@@ -760,9 +777,9 @@ impl ProjectionRunner {
     /// Re-reads every state row: picks up stops, resumes and swaps made elsewhere.
     async fn refresh(&mut self) -> Result<(), ProjectionError> {
         for slot in &mut self.slots {
-            let mut tx = self.db.begin().await?;
-            let state = lock_state(&mut tx, slot.worker.name).await?;
-            tx.rollback().await?;
+            // A plain read: on SQLite a locking read is a `BEGIN IMMEDIATE` that waits
+            // for the store's writer, and `run_until` refreshes on every wake-up.
+            let state = read_state(&self.db, slot.worker.name).await?;
             slot.worker.stopped = state.status == "stopped";
             if state.generation != slot.worker.generation || state.revision != slot.worker.revision
             {
