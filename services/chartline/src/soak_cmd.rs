@@ -24,7 +24,8 @@
 //!    command id, equal to the reply's event ids), and no rejected command has events;
 //! 2. every stream's hash chain verifies;
 //! 3. every read model equals a from-scratch rebuild (into a second, fresh database);
-//! 4. no EHR duplicates (no business identifier held by two resources in the sandbox);
+//! 4. no EHR duplicates (no business identifier held by two resources in the sandbox),
+//!    and the connector did write (artifacts acknowledged, none blocked);
 //! 5. memory did not grow: for each process alive through the middle and last thirds of
 //!    the load phase, mean RSS of the last third ≤ middle third × tolerance + slack;
 //! 6. the relay published each relayable event once to JetStream.
@@ -381,6 +382,10 @@ impl Fleet {
                     command.args([
                         "--ehr-url",
                         &format!("http://127.0.0.1:{}", self.sandbox_port),
+                        // The sandbox is the shipped compliance map's covered EHR; an
+                        // unlisted URL would (rightly) have every PHI write blocked.
+                        "--ehr-component",
+                        "sandbox-ehr",
                     ]);
                 }
                 _ => {}
@@ -1399,9 +1404,13 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<ExitCode> {
     };
     let duplicates = ehr_duplicates(&stats);
     let ehr = ehr_states(&read_db).await;
+    // The check means something only if the connector wrote: artifacts acknowledged,
+    // none blocked by the compliance map.
+    let acknowledged = ehr.get("acknowledged").copied().unwrap_or(0);
+    let blocked = ehr.get("blocked").copied().unwrap_or(0);
     verdicts.push(Verdict {
         name: "4. no EHR duplicates",
-        pass: !stats.is_null() && duplicates.is_empty(),
+        pass: !stats.is_null() && duplicates.is_empty() && acknowledged > 0 && blocked == 0,
         detail: format!(
             "sandbox resources {}; write-backs by state {ehr:?}; faults injected {faults_injected:?} in {fault_windows} windows{}",
             stats["resources"],
