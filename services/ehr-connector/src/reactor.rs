@@ -716,8 +716,7 @@ impl<S: EventStore> Connector<S> {
                     // Stream tasks outlive the dispatch of their stream's last event:
                     // once they finish in a quiet log, let the checkpoint catch up.
                     let safe = low_watermark(&in_flight, dispatched).min(last_work);
-                    if safe > saved {
-                        checkpoint.save(safe).await.map_err(|e| e.to_string())?;
+                    if safe > saved && save_checkpoint(&checkpoint, safe).await? {
                         saved = safe;
                     }
                     continue;
@@ -789,8 +788,7 @@ impl<S: EventStore> Connector<S> {
             }
             dispatched = position;
             let safe = low_watermark(&in_flight, dispatched);
-            if safe >= saved + 200 {
-                checkpoint.save(safe).await.map_err(|e| e.to_string())?;
+            if safe >= saved + 200 && save_checkpoint(&checkpoint, safe).await? {
                 saved = safe;
             }
         }
@@ -994,4 +992,21 @@ pub async fn patient_rpm_observations<S: EventStore>(
         }
     }
     Ok(observations)
+}
+
+/// Saves the checkpoint; `Ok(false)` when the store is unavailable for now (a NATS or
+/// database restart): the connector keeps running and saves on a later tick, since a
+/// checkpoint that lags only means redelivered events, which are up to date.
+async fn save_checkpoint<S: EventStore>(
+    checkpoint: &Checkpoint<S>,
+    position: u64,
+) -> Result<bool, String> {
+    match checkpoint.save(position).await {
+        Ok(()) => Ok(true),
+        Err(error) if error.is_retryable() => {
+            tracing::warn!(%error, position, "ehr connector: checkpoint not saved (store unavailable); retrying later");
+            Ok(false)
+        }
+        Err(error) => Err(error.to_string()),
+    }
 }
