@@ -367,42 +367,26 @@ fn demo_summary_matches_the_store() {
         })
     };
     let tenant = "tenant_id = 'demo-clinic'";
+    let events_of = |event_type: &str| {
+        count(&format!(
+            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = '{event_type}'"
+        ))
+    };
     assert_eq!(summary["encounters"], 200);
     assert_eq!(
         summary["completed"].as_i64().unwrap(),
-        count(&format!(
-            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'NoteSigned'"
-        ))
+        events_of("NoteSigned")
     );
     assert_eq!(
         summary["cancelled"].as_i64().unwrap(),
-        count(&format!(
-            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'Cancelled'"
-        ))
+        events_of("Cancelled")
     );
-    assert_eq!(
-        summary["no_show"].as_i64().unwrap(),
-        count(&format!(
-            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'NoShow'"
-        ))
-    );
-    let decisions: i64 = summary["billing_decisions"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_i64().unwrap())
-        .sum();
-    assert_eq!(
-        decisions,
-        count(&format!(
-            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'CodesAssigned'"
-        ))
-    );
+    assert_eq!(summary["no_show"].as_i64().unwrap(), events_of("NoShow"));
+    let decisions = total(&summary["billing_decisions"]);
+    assert_eq!(decisions, events_of("CodesAssigned"));
     assert_eq!(
         summary["ehr_acknowledged"].as_i64().unwrap(),
-        count(&format!(
-            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'WriteBackSucceeded'"
-        ))
+        events_of("WriteBackSucceeded")
     );
     assert!(
         summary["ehr_acknowledged"].as_i64().unwrap() > 0,
@@ -417,22 +401,12 @@ fn demo_summary_matches_the_store() {
     let reviews = summary["identity"]["MatchReviewRequested"]
         .as_i64()
         .unwrap_or(0);
-    assert_eq!(
-        reviews,
-        count(&format!(
-            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'MatchReviewRequested'"
-        ))
-    );
+    assert_eq!(reviews, events_of("MatchReviewRequested"));
     assert!(
         reviews >= summary["twins"].as_i64().unwrap(),
         "every twin must go to review"
     );
-    let queue: i64 = summary["billing_queue"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_i64().unwrap())
-        .sum();
+    let queue = total(&summary["billing_queue"]);
     assert_eq!(
         queue,
         count("SELECT COUNT(*) FROM billing_queue WHERE tenant = 'demo-clinic'")
@@ -441,23 +415,14 @@ fn demo_summary_matches_the_store() {
     assert!(summary["rpm_enrolled"].as_i64().unwrap() > 0);
     assert_eq!(
         summary["rpm_enrolled"].as_i64().unwrap(),
-        count(&format!(
-            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'Enrolled'"
-        ))
+        events_of("Enrolled")
     );
     assert_eq!(
         summary["rpm_alerts"].as_i64().unwrap(),
-        count(&format!(
-            "SELECT COUNT(*) FROM events WHERE {tenant} AND event_type = 'ThresholdBreached'"
-        ))
+        events_of("ThresholdBreached")
     );
     assert!(summary["rpm_alerts"].as_i64().unwrap() > 0);
-    let rpm_items: i64 = summary["rpm_billing"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_i64().unwrap())
-        .sum();
+    let rpm_items = total(&summary["rpm_billing"]);
     assert_eq!(
         rpm_items,
         count(
@@ -473,12 +438,7 @@ fn demo_summary_matches_the_store() {
     }
     // EHR faults were injected and the connector rode them out: every artifact of a
     // patient whose identity is resolved was acknowledged, none is dead.
-    let faults: i64 = summary["ehr_faults_injected"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_i64().unwrap())
-        .sum();
+    let faults = total(&summary["ehr_faults_injected"]);
     assert!(faults > 0, "no EHR faults were injected");
     assert!(
         summary["ehr_write_backs"]["dead"].is_null(),
@@ -499,4 +459,14 @@ fn demo_summary_matches_the_store() {
         count(&format!("SELECT COUNT(*) FROM events WHERE {tenant}"))
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The sum of a summary's `{name: count}` object.
+fn total(counts: &serde_json::Value) -> i64 {
+    counts
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_i64().unwrap())
+        .sum()
 }
