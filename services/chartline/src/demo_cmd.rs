@@ -358,12 +358,22 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
     let headline =
         chartline_projections::models::integration_completeness::headline(&read_db, Some(TENANT))
             .await?;
-    let projection_lag: u64 = chartline_projections::engine::status(&runtime.store, &read_db)
-        .await?
-        .iter()
-        .map(|s| s.lag_events)
-        .max()
-        .unwrap_or(0);
+    // Reactors keep saving their checkpoints (events on the system tenant) for a moment
+    // after the work settles: report the lag once the projections have had up to 5 s to
+    // apply what was appended last, as an operator would read it.
+    let mut projection_lag = u64::MAX;
+    let lag_deadline = Instant::now() + std::time::Duration::from_secs(5);
+    while projection_lag > 0 && Instant::now() < lag_deadline {
+        if projection_lag != u64::MAX {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        projection_lag = chartline_projections::engine::status(&runtime.store, &read_db)
+            .await?
+            .iter()
+            .map(|s| s.lag_events)
+            .max()
+            .unwrap_or(0);
+    }
     let stats = runtime.store.stats().await?;
     let verify = runtime.store.verify_all(&ReadScope::AllTenants).await?;
     let count = |wanted: Fate| visits.iter().filter(|(_, fate)| *fate == wanted).count();
