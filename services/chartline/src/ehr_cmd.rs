@@ -140,15 +140,7 @@ pub async fn run(command: EhrCommand) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(EXIT_BAD_INPUT));
             };
             let tenant = TenantId::parse(&tenant)?;
-            let store = AnyStore::open(&store)
-                .await
-                .context("opening the event store")?;
-            let auth = ehr_smart.auth(&ehr_url, ehr_token.as_deref(), None).await?;
-            let client = FhirClient::new(EhrEndpoint {
-                base_url: ehr_url,
-                auth,
-                timeout: Duration::from_secs(10),
-            })?;
+            let (store, client) = open_connector(&store, ehr_url, ehr_token, &ehr_smart).await?;
             let outcome = Connector::new(store, client)
                 .retry_write_back(&tenant, encounter, artifact)
                 .await;
@@ -166,15 +158,7 @@ pub async fn run(command: EhrCommand) -> anyhow::Result<ExitCode> {
             ehr_token,
             ehr_smart,
         }) => {
-            let store = AnyStore::open(&store)
-                .await
-                .context("opening the event store")?;
-            let auth = ehr_smart.auth(&ehr_url, ehr_token.as_deref(), None).await?;
-            let client = FhirClient::new(EhrEndpoint {
-                base_url: ehr_url,
-                auth,
-                timeout: Duration::from_secs(10),
-            })?;
+            let (store, client) = open_connector(&store, ehr_url, ehr_token, &ehr_smart).await?;
             let connector = Connector::new(store.clone(), client);
             let mut reconciler =
                 chartline_ehr_connector::reconcile::Reconciler::new(store, connector);
@@ -292,4 +276,24 @@ async fn export_rpm(patient: Uuid, tenant: &str, store_url: &str) -> anyhow::Res
         serde_json::to_string_pretty(&chartline_ehr_connector::fhir::bundle_of(&observations))?
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The event store and an authenticated FHIR client, as `fhir retry` and `fhir
+/// reconcile` both need them.
+async fn open_connector(
+    store: &str,
+    ehr_url: String,
+    ehr_token: Option<String>,
+    ehr_smart: &chartline::serve_cmd::EhrSmartArgs,
+) -> anyhow::Result<(AnyStore, FhirClient)> {
+    let store = AnyStore::open(store)
+        .await
+        .context("opening the event store")?;
+    let auth = ehr_smart.auth(&ehr_url, ehr_token.as_deref(), None).await?;
+    let client = FhirClient::new(EhrEndpoint {
+        base_url: ehr_url,
+        auth,
+        timeout: Duration::from_secs(10),
+    })?;
+    Ok((store, client))
 }
