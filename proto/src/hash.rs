@@ -7,7 +7,6 @@
 //! at commit and carries no meaning of its own; the stream version orders the chain.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::json;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -35,19 +34,32 @@ pub fn canonical_time(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-/// RFC 8785 canonical bytes of the hashed part of an event.
+/// RFC 8785 canonical bytes of the hashed part of an event: the JSON object
+/// `{data, event_id, event_type, metadata, recorded_at, schema_version, stream_id,
+/// stream_version}` (members in canonical order), written by [`crate::jcs`].
 pub fn canonical_bytes(input: &HashInput<'_>) -> Vec<u8> {
-    let value = json!({
-        "event_id": input.event_id,
-        "stream_id": input.stream_id,
-        "stream_version": input.stream_version,
-        "event_type": input.event_type,
-        "schema_version": input.schema_version,
-        "data": input.data,
-        "metadata": input.metadata,
-        "recorded_at": canonical_time(input.recorded_at),
-    });
-    serde_json_canonicalizer::to_vec(&value).expect("a serde_json::Value always canonicalizes")
+    use crate::jcs::{write_number, write_string, write_value};
+    let metadata =
+        serde_json::to_value(input.metadata).expect("metadata always serializes to JSON");
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"{\"data\":");
+    write_value(&mut out, input.data);
+    out.extend_from_slice(b",\"event_id\":");
+    write_string(&mut out, &input.event_id.hyphenated().to_string());
+    out.extend_from_slice(b",\"event_type\":");
+    write_string(&mut out, input.event_type);
+    out.extend_from_slice(b",\"metadata\":");
+    write_value(&mut out, &metadata);
+    out.extend_from_slice(b",\"recorded_at\":");
+    write_string(&mut out, &canonical_time(input.recorded_at));
+    out.extend_from_slice(b",\"schema_version\":");
+    write_number(&mut out, f64::from(input.schema_version));
+    out.extend_from_slice(b",\"stream_id\":");
+    write_string(&mut out, input.stream_id.as_str());
+    out.extend_from_slice(b",\"stream_version\":");
+    write_number(&mut out, input.stream_version as f64);
+    out.push(b'}');
+    out
 }
 
 pub fn chain_hash(prev_hash: &str, input: &HashInput<'_>) -> String {
@@ -119,4 +131,67 @@ pub fn verify_chain<'a>(
         expected_version += 1;
     }
     Ok(expected_version - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::envelope::{Actor, ActorKind};
+    use crate::ids::TenantId;
+
+    /// The implementation every stored chain was hashed with before `crate::jcs`.
+    fn reference_bytes(input: &HashInput<'_>) -> Vec<u8> {
+        let value = json!({
+            "event_id": input.event_id,
+            "stream_id": input.stream_id,
+            "stream_version": input.stream_version,
+            "event_type": input.event_type,
+            "schema_version": input.schema_version,
+            "data": input.data,
+            "metadata": input.metadata,
+            "recorded_at": canonical_time(input.recorded_at),
+        });
+        serde_json_canonicalizer::to_vec(&value).expect("reference canonicalizes")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        #[test]
+        fn canonical_bytes_equal_the_reference_implementation(
+            data in crate::jcs::tests::any_json(),
+            version in 1u64..u64::MAX / 2,
+            schema in 1u32..50,
+            micros in 0i64..4_102_444_800_000_000,
+            phi: bool,
+            causation: bool,
+            source in "[a-z\\-]{1,12}",
+        ) {
+            let metadata = Metadata {
+                tenant: TenantId::parse("clinic-a").unwrap(),
+                actor: Actor::new(ActorKind::Clinician, "dr-\u{e9}\"quoted\""),
+                correlation_id: Uuid::from_u128(u128::from(version) << 7),
+                causation_id: causation.then(|| Uuid::from_u128(u128::from(schema))),
+                source,
+                occurred_at: Utc.timestamp_micros(micros).unwrap(),
+                contains_phi: phi,
+            };
+            let stream = StreamId::parse("encounter-0f3c2a").unwrap();
+            let input = HashInput {
+                event_id: Uuid::from_u128(u128::from(version) * 31),
+                stream_id: &stream,
+                stream_version: version,
+                event_type: "NoteSigned",
+                schema_version: schema,
+                data: &data,
+                metadata: &metadata,
+                recorded_at: Utc.timestamp_micros(micros / 3).unwrap(),
+            };
+            prop_assert_eq!(canonical_bytes(&input), reference_bytes(&input));
+        }
+    }
 }

@@ -16,6 +16,7 @@ pub mod compliance_map;
 pub mod envelope;
 pub mod hash;
 pub mod ids;
+pub mod jcs;
 pub mod schemas;
 pub mod subjects;
 
