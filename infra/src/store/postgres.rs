@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::writer::{
     AppendRequest, BatchCommitter, Loaded, Plan, Speculation, StoredEvent, StreamRow, WriteCache,
-    Writer, envelope_from_columns, is_stale_speculation, keys, plan,
+    Writer, envelope_from_columns, is_stale_speculation, keys, plan_loaded,
 };
 use super::{
     AppendResult, DEFAULT_MAX_EVENT_BYTES, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT,
@@ -280,9 +280,7 @@ impl PostgresCommitter {
             );
         }
 
-        let loaded_tenants = known_tenants.clone();
-        let loaded_streams = stream_rows.clone();
-        let planned = plan(
+        let (planned, loaded_tenants, loaded_streams) = plan_loaded(
             batch,
             Loaded {
                 known_tenants,
@@ -290,7 +288,6 @@ impl PostgresCommitter {
                 existing,
                 next_position: next_position as u64,
             },
-            Utc::now(),
         );
 
         if !planned.rows.is_empty() {

@@ -279,6 +279,17 @@ pub(crate) fn plan(
     }
 }
 
+/// Plans a group from state loaded inside the transaction, now; also returns the loaded
+/// tenants and streams, which refresh the writer's cache once the plan commits.
+pub(crate) fn plan_loaded(
+    batch: &[AppendRequest],
+    loaded: Loaded,
+) -> (Plan, HashSet<String>, HashMap<String, StreamRow>) {
+    let tenants = loaded.known_tenants.clone();
+    let streams = loaded.streams.clone();
+    (plan(batch, loaded, Utc::now()), tenants, streams)
+}
+
 /// What the single writer remembers between groups so that the common case — new events
 /// appended to streams this writer already knows — can be planned without reading the
 /// database first.
@@ -418,21 +429,52 @@ pub(crate) fn is_stale_speculation(error: &sqlx::Error, stale_code: &str) -> boo
     }
 }
 
+/// One result per request of a group, or an error for the whole group (nothing written).
+pub(crate) type GroupOutcome = Result<Vec<Result<AppendResult, StoreError>>, StoreError>;
+
 /// A backend that can commit a group of appends in one transaction.
 pub(crate) trait BatchCommitter: Send + Sync + 'static {
     /// Runs one write transaction for the group; returns one result per request, or an
     /// error for the whole group when the transaction itself failed (nothing written).
-    fn commit_batch(
-        &self,
-        batch: &[AppendRequest],
-    ) -> impl Future<Output = Result<Vec<Result<AppendResult, StoreError>>, StoreError>> + Send;
+    fn commit_batch(&self, batch: &[AppendRequest]) -> impl Future<Output = GroupOutcome> + Send;
+
+    /// Commits a lone request synchronously on the caller's thread when that costs no
+    /// waiting (SQLite: the writer connection is free and the group is small); `None`
+    /// sends it to the writer task. Only for backends whose commit does not await: a
+    /// synchronous commit cannot be cancelled half-way by a dropped caller.
+    fn try_commit_now(&self, _batch: &[AppendRequest]) -> Option<GroupOutcome> {
+        None
+    }
 }
+
+type InlineCommit = dyn Fn(&[AppendRequest]) -> Option<GroupOutcome> + Send + Sync;
 
 /// Handle to the writer task.
 #[derive(Clone)]
 pub(crate) struct Writer {
     sender: mpsc::Sender<AppendRequest>,
     head: watch::Receiver<u64>,
+    head_tx: std::sync::Arc<watch::Sender<u64>>,
+    inline: std::sync::Arc<InlineCommit>,
+}
+
+/// Publishes the highest position a group committed (wakes live subscribers).
+fn publish_head(head_tx: &watch::Sender<u64>, results: &[Result<AppendResult, StoreError>]) {
+    let head = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .filter(|r| !r.deduplicated)
+        .map(|r| r.last_position)
+        .max();
+    if let Some(head) = head {
+        head_tx.send_if_modified(|current| {
+            let newer = head > *current;
+            if newer {
+                *current = head;
+            }
+            newer
+        });
+    }
 }
 
 /// Most events one group transaction carries (keeps transactions short).
@@ -447,7 +489,15 @@ impl Writer {
     pub fn spawn<C: BatchCommitter>(committer: C, initial_head: u64) -> Self {
         let (sender, mut receiver) = mpsc::channel::<AppendRequest>(4_096);
         let (head_tx, head) = watch::channel(initial_head);
+        let head_tx = std::sync::Arc::new(head_tx);
+        let committer = std::sync::Arc::new(committer);
+        let inline: std::sync::Arc<InlineCommit> = {
+            let committer = std::sync::Arc::clone(&committer);
+            std::sync::Arc::new(move |batch: &[AppendRequest]| committer.try_commit_now(batch))
+        };
+        let task_head_tx = std::sync::Arc::clone(&head_tx);
         tokio::spawn(async move {
+            let head_tx = task_head_tx;
             // Requests in the previous group: callers answered together tend to come back
             // together, so a smaller group than that is worth a few yields.
             let mut previous_group = 1;
@@ -500,21 +550,7 @@ impl Writer {
                 };
                 match outcome {
                     Ok(results) => {
-                        let head = results
-                            .iter()
-                            .filter_map(|r| r.as_ref().ok())
-                            .filter(|r| !r.deduplicated)
-                            .map(|r| r.last_position)
-                            .max();
-                        if let Some(head) = head {
-                            head_tx.send_if_modified(|current| {
-                                let newer = head > *current;
-                                if newer {
-                                    *current = head;
-                                }
-                                newer
-                            });
-                        }
+                        publish_head(&head_tx, &results);
                         for (request, result) in batch.into_iter().zip(results) {
                             let _ = request.reply.send(result);
                         }
@@ -527,7 +563,12 @@ impl Writer {
                 }
             }
         });
-        Writer { sender, head }
+        Writer {
+            sender,
+            head,
+            head_tx,
+            inline,
+        }
     }
 
     pub async fn append(
@@ -538,14 +579,24 @@ impl Writer {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
         let (reply, response) = oneshot::channel();
+        let request = AppendRequest {
+            tenant: tenant.clone(),
+            stream: stream.clone(),
+            expected,
+            events,
+            reply,
+        };
+        // Nobody queued for the writer task: commit on this thread if the backend can
+        // without waiting, saving two task hand-offs. A group failure (nothing written)
+        // goes on to the task, which retries transient ones.
+        if self.sender.capacity() == self.sender.max_capacity()
+            && let Some(Ok(mut results)) = (self.inline)(std::slice::from_ref(&request))
+        {
+            publish_head(&self.head_tx, &results);
+            return results.pop().expect("one result per request");
+        }
         self.sender
-            .send(AppendRequest {
-                tenant: tenant.clone(),
-                stream: stream.clone(),
-                expected,
-                events,
-                reply,
-            })
+            .send(request)
             .await
             .map_err(|_| StoreError::Unavailable("event store writer stopped".into()))?;
         response
