@@ -353,8 +353,24 @@ pub(crate) fn validate_append(
 }
 
 fn serialized_size(event: &NewEvent) -> usize {
-    serde_json::to_vec(&event.data).map_or(usize::MAX, |v| v.len())
-        + serde_json::to_vec(&event.metadata).map_or(usize::MAX, |v| v.len())
+    /// Counts bytes instead of collecting them (sizes are checked for every event).
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, &event.data)
+        .and_then(|()| serde_json::to_writer(&mut count, &event.metadata))
+    {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 /// Verifies chains of events given in (stream, version) order, grouping by stream.

@@ -111,6 +111,16 @@ fn same_content(stored: &StoredEvent, stream: &StreamId, event: &NewEvent) -> bo
         && serde_json::to_value(&event.metadata).is_ok_and(|m| m == stored.metadata)
 }
 
+/// What an event id of a request is to the store.
+enum Known {
+    /// Not stored, not planned: to be written.
+    New,
+    /// Already stored or planned with the same content, at (version, position).
+    Same(u64, u64),
+    /// The id is taken by different content.
+    Different,
+}
+
 /// Decides every request of a group against the loaded state. Pure.
 pub(crate) fn plan(
     batch: &[AppendRequest],
@@ -123,36 +133,60 @@ pub(crate) fn plan(
     let mut replies = Vec::with_capacity(batch.len());
     let mut next_position = loaded.next_position;
 
-    for request in batch {
+    // Events planned earlier in this group, by id: (request index, event index, version,
+    // position). A duplicate later in the group is answered as a retry, not stored twice,
+    // and is compared with the planned event itself (no copy of its data is kept).
+    let mut planned_ids: HashMap<Uuid, (usize, usize, u64, u64)> = HashMap::new();
+
+    for (request_index, request) in batch.iter().enumerate() {
         let reply = (|| {
             let stream_key = request.stream.as_str();
             // Idempotency first: a retried append must get its original result even if
             // the stream moved on since.
-            let stored: Vec<Option<&StoredEvent>> = request
+            let known: Vec<Known> = request
                 .events
                 .iter()
-                .map(|e| loaded.existing.get(&e.event_id))
+                .map(|event| {
+                    if let Some(stored) = loaded.existing.get(&event.event_id) {
+                        return if same_content(stored, &request.stream, event) {
+                            Known::Same(stored.stream_version, stored.global_position)
+                        } else {
+                            Known::Different
+                        };
+                    }
+                    match planned_ids.get(&event.event_id) {
+                        Some(&(r, i, version, position)) => {
+                            if batch[r].stream == request.stream && batch[r].events[i] == *event {
+                                Known::Same(version, position)
+                            } else {
+                                Known::Different
+                            }
+                        }
+                        None => Known::New,
+                    }
+                })
                 .collect();
-            if let Some(index) = stored.iter().position(Option::is_some) {
-                if stored.iter().any(Option::is_none) {
+            if let Some(index) = known.iter().position(|k| !matches!(k, Known::New)) {
+                if known.iter().any(|k| matches!(k, Known::New)) {
                     return Err(StoreError::PartiallyStoredBatch(
                         request.events[index].event_id,
                     ));
                 }
-                for (event, stored) in request.events.iter().zip(&stored) {
-                    let stored = stored.expect("all stored");
-                    if !same_content(stored, &request.stream, event) {
-                        return Err(StoreError::EventIdReused(event.event_id));
-                    }
+                if let Some(reused) = known.iter().position(|k| matches!(k, Known::Different)) {
+                    return Err(StoreError::EventIdReused(request.events[reused].event_id));
                 }
-                let first = stored.first().and_then(|s| *s).expect("non-empty");
-                let last = stored.last().and_then(|s| *s).expect("non-empty");
+                let position_of = |k: &Known| match *k {
+                    Known::Same(version, position) => (version, position),
+                    _ => unreachable!("every event is known and the same"),
+                };
+                let (first_version, first_position) = position_of(&known[0]);
+                let (last_version, last_position) = position_of(&known[known.len() - 1]);
                 return Ok(AppendResult {
                     stream_id: request.stream.clone(),
-                    first_version: first.stream_version,
-                    last_version: last.stream_version,
-                    first_position: first.global_position,
-                    last_position: last.global_position,
+                    first_version,
+                    last_version,
+                    first_position,
+                    last_position,
                     deduplicated: true,
                 });
             }
@@ -226,21 +260,15 @@ pub(crate) fn plan(
             if !touched.iter().any(|s| s == stream_key) {
                 touched.push(stream_key.to_owned());
             }
-            // Register the new ids so a duplicate request later in the same group is
-            // answered as a retry, not stored twice.
             for (offset, event) in request.events.iter().enumerate() {
-                loaded.existing.insert(
+                planned_ids.insert(
                     event.event_id,
-                    StoredEvent {
-                        stream_id: stream_key.to_owned(),
-                        stream_version: first_version + offset as u64,
-                        global_position: first_position + offset as u64,
-                        event_type: event.event_type.clone(),
-                        schema_version: event.schema_version,
-                        data: event.data.clone(),
-                        metadata: serde_json::to_value(&event.metadata)
-                            .expect("metadata always serializes"),
-                    },
+                    (
+                        request_index,
+                        offset,
+                        first_version + offset as u64,
+                        first_position + offset as u64,
+                    ),
                 );
             }
             Ok(AppendResult {
@@ -643,4 +671,92 @@ pub(crate) fn envelope_from_columns(
         prev_hash,
         hash,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use chartline_proto::{Actor, ActorKind, Metadata};
+
+    use super::*;
+
+    fn request(stream: &str, events: Vec<NewEvent>) -> AppendRequest {
+        AppendRequest {
+            tenant: TenantId::parse("clinic-a").unwrap(),
+            stream: StreamId::parse(stream).unwrap(),
+            expected: ExpectedVersion::Any,
+            events,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn event(n: u64) -> NewEvent {
+        NewEvent {
+            event_id: Uuid::now_v7(),
+            event_type: "Noted".into(),
+            schema_version: 1,
+            data: serde_json::json!({ "n": n }),
+            metadata: Metadata {
+                tenant: TenantId::parse("clinic-a").unwrap(),
+                actor: Actor::new(ActorKind::System, "test"),
+                correlation_id: Uuid::now_v7(),
+                causation_id: None,
+                source: "test".into(),
+                occurred_at: Utc::now(),
+                contains_phi: false,
+            },
+        }
+    }
+
+    fn empty_store() -> Loaded {
+        Loaded {
+            known_tenants: ["clinic-a".to_owned()].into(),
+            streams: HashMap::new(),
+            existing: HashMap::new(),
+            next_position: 1,
+        }
+    }
+
+    /// Concurrent retries of one append can land in the same group: the repeat is
+    /// answered with the first one's positions and stores nothing; a reused id with other
+    /// content, or a batch mixing planned and new ids, is refused — as against stored ids.
+    #[test]
+    fn duplicates_within_one_group_are_retries_not_new_rows() {
+        let (a, b) = (event(1), event(2));
+        let mut changed = a.clone();
+        changed.data = serde_json::json!({ "n": 99 });
+        let batch = [
+            request("note-1", vec![a.clone(), b.clone()]),
+            request("note-1", vec![a.clone(), b.clone()]),
+            request("note-1", vec![changed]),
+            request("note-1", vec![b.clone(), event(3)]),
+            request("note-2", vec![a.clone(), b]),
+        ];
+        let plan = plan(&batch, empty_store(), Utc::now());
+        assert_eq!(plan.rows.len(), 2, "only the first request writes rows");
+        let first = plan.replies[0].as_ref().unwrap();
+        let retry = plan.replies[1].as_ref().unwrap();
+        assert!(!first.deduplicated && retry.deduplicated);
+        assert_eq!(
+            (
+                retry.first_position,
+                retry.last_position,
+                retry.last_version
+            ),
+            (
+                first.first_position,
+                first.last_position,
+                first.last_version
+            )
+        );
+        assert_eq!(plan.replies[2], Err(StoreError::EventIdReused(a.event_id)));
+        assert!(matches!(
+            plan.replies[3],
+            Err(StoreError::PartiallyStoredBatch(_))
+        ));
+        assert_eq!(
+            plan.replies[4],
+            Err(StoreError::EventIdReused(a.event_id)),
+            "the same ids on another stream are other content"
+        );
+    }
 }
