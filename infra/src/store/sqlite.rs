@@ -347,10 +347,30 @@ impl BatchCommitter for SqliteCommitter {
             let slot = self.connection.lock().expect("writer connection lock");
             self.commit_with(slot, batch)
         };
-        if bulk {
-            tokio::task::block_in_place(commit)
-        } else {
-            commit()
+        // The write lock is waited for here, asynchronously, never inside SQLite's busy
+        // handler: the holder may be a read-model transaction driven by this same runtime
+        // (read models share the file), which a blocked worker thread would starve.
+        let deadline = std::time::Instant::now() + WRITE_LOCK_WAIT;
+        let mut pause = Duration::from_micros(500);
+        loop {
+            let attempt = if bulk {
+                tokio::task::block_in_place(commit)
+            } else {
+                commit()
+            };
+            match attempt {
+                Some(outcome) => return outcome,
+                None if std::time::Instant::now() >= deadline => {
+                    return Err(StoreError::Unavailable(format!(
+                        "the SQLite write lock was held by another writer for {} s",
+                        WRITE_LOCK_WAIT.as_secs()
+                    )));
+                }
+                None => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+            }
         }
     }
 
@@ -359,26 +379,44 @@ impl BatchCommitter for SqliteCommitter {
             return None;
         }
         let slot = self.connection.try_lock().ok()?;
-        Some(self.commit_with(slot, batch))
+        self.commit_with(slot, batch)
     }
 }
+
+/// How long a group waits for another writer's lock before callers see `Unavailable`.
+const WRITE_LOCK_WAIT: Duration = Duration::from_secs(10);
 
 fn group_events(batch: &[AppendRequest]) -> usize {
     batch.iter().map(|r| r.events.len()).sum()
 }
 
+fn is_busy(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 type LoadedCommit = (Plan, u64, HashSet<String>, HashMap<String, StreamRow>);
 
 impl SqliteCommitter {
-    /// The whole group commit, synchronously on the writer's connection.
+    /// The whole group commit, synchronously on the writer's connection; `None` when the
+    /// write lock is held elsewhere (nothing was done: the caller waits and retries).
     fn commit_with(
         &self,
         mut slot: std::sync::MutexGuard<'_, Option<rusqlite::Connection>>,
         batch: &[AppendRequest],
-    ) -> GroupOutcome {
+    ) -> Option<GroupOutcome> {
         let connection = match slot.take() {
             Some(connection) => connection,
-            None => self.direct.connect()?,
+            None => match self.direct.connect().and_then(|connection| {
+                // Never sleep in SQLite's busy handler: a busy lock is reported at once.
+                connection.busy_timeout(Duration::ZERO)?;
+                Ok(connection)
+            }) {
+                Ok(connection) => connection,
+                Err(error) => return Some(Err(error)),
+            },
         };
         let outcome = self.commit_on(&connection, batch);
         // A connection is reused only when no transaction is left open on it (a failed
@@ -393,7 +431,7 @@ impl SqliteCommitter {
         &self,
         connection: &rusqlite::Connection,
         batch: &[AppendRequest],
-    ) -> GroupOutcome {
+    ) -> Option<GroupOutcome> {
         let speculation = self
             .cache
             .lock()
@@ -407,13 +445,14 @@ impl SqliteCommitter {
                         .lock()
                         .expect("write cache lock")
                         .committed(&plan, head, None);
-                    return Ok(plan.replies);
+                    return Some(Ok(plan.replies));
                 }
+                Err(error) if is_busy(&error) => return None,
                 // Another process wrote, or ids were already stored: decide from loaded state.
                 Err(error) if is_stale_speculation(&error) => {}
                 Err(error) => {
                     self.cache.lock().expect("write cache lock").forget();
-                    return Err(error.into());
+                    return Some(Err(error.into()));
                 }
             }
         }
@@ -424,13 +463,37 @@ impl SqliteCommitter {
                     head,
                     Some((tenants, streams)),
                 );
-                Ok(plan.replies)
+                Some(Ok(plan.replies))
             }
-            Err(error) => {
+            Err(LoadedError::Busy) => None,
+            Err(LoadedError::Store(error)) => {
                 self.cache.lock().expect("write cache lock").forget();
-                Err(error)
+                Some(Err(error))
             }
         }
+    }
+}
+
+/// Why the loading path did not commit.
+enum LoadedError {
+    /// The write lock is held elsewhere; nothing was done.
+    Busy,
+    Store(StoreError),
+}
+
+impl From<rusqlite::Error> for LoadedError {
+    fn from(error: rusqlite::Error) -> Self {
+        if is_busy(&error) {
+            LoadedError::Busy
+        } else {
+            LoadedError::Store(error.into())
+        }
+    }
+}
+
+impl From<StoreError> for LoadedError {
+    fn from(error: StoreError) -> Self {
+        LoadedError::Store(error)
     }
 }
 
@@ -498,7 +561,7 @@ fn commit_speculation(
 fn commit_loaded(
     connection: &rusqlite::Connection,
     batch: &[AppendRequest],
-) -> Result<LoadedCommit, StoreError> {
+) -> Result<LoadedCommit, LoadedError> {
     let (tenants, streams, event_ids) = keys(batch);
     let tx =
         rusqlite::Transaction::new_unchecked(connection, rusqlite::TransactionBehavior::Immediate)?;

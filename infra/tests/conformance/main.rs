@@ -122,3 +122,66 @@ mod tamper {
 }
 
 mod postgres_gap_safety;
+
+mod shared_sqlite_file {
+    //! Read models share the store's SQLite file and write through sqlx, on the same
+    //! runtime as the store's appends. An append that meets their write lock must wait
+    //! without holding a runtime thread: on a one-thread runtime a writer that slept in
+    //! SQLite's busy handler would keep the lock holder from ever committing (the
+    //! projections benchmark saw 10 s stalls before the writer waited asynchronously).
+    use std::time::Duration;
+
+    use super::harness::sqlite_store;
+    use super::properties::{event, seeded_stream};
+    use chartline_infra::{EventStore, ExpectedVersion};
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_append_waits_for_a_read_model_transaction_without_starving_it() {
+        let (store, _guard) = sqlite_store().await;
+        let (tenant, stream) = seeded_stream(&store, 2).await;
+        let started = std::time::Instant::now();
+        sqlx::query("CREATE TABLE read_model (n INTEGER)")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let mut holder = store.pool().begin_with("BEGIN IMMEDIATE").await.unwrap();
+        sqlx::query("INSERT INTO read_model (n) VALUES (1)")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let append = tokio::spawn({
+            let (store, tenant, stream) = (store.clone(), tenant.clone(), stream.clone());
+            async move {
+                store
+                    .append(
+                        &tenant,
+                        &stream,
+                        ExpectedVersion::Exact(2),
+                        vec![event(&tenant, 3)],
+                    )
+                    .await
+            }
+        });
+        // The append is queued behind the lock; the holder keeps working meanwhile.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!append.is_finished(), "the append waits for the write lock");
+        sqlx::query("INSERT INTO read_model (n) VALUES (2)")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        holder.commit().await.unwrap();
+        let appended = tokio::time::timeout(Duration::from_secs(5), append)
+            .await
+            .expect("the append goes through once the lock is released")
+            .unwrap()
+            .unwrap();
+        assert_eq!(appended.last_version, 3);
+        // A writer blocked in the busy handler would hold the only thread until its
+        // 10 s timeout; waiting asynchronously, the whole exchange takes milliseconds.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the runtime thread was held for {:?}",
+            started.elapsed()
+        );
+    }
+}
