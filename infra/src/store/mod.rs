@@ -5,8 +5,10 @@
 //! One conformance suite (`infra/tests/conformance`) runs against all three.
 //!
 //! ## Write path: one active writer, group commit
-//! Every append goes through a single writer task per process ([`writer`]) that drains
-//! concurrent requests into one database transaction. Across processes the transaction
+//! Every append goes through a single writer per process ([`writer`]): a task that drains
+//! concurrent requests into one database transaction (on SQLite a lone request finds the
+//! writer connection free and commits on the caller's thread through the same planner and
+//! cache, which is the same single writer without the hand-off). Across processes the transaction
 //! takes a global lock first (`pg_advisory_xact_lock` on PostgreSQL, `BEGIN IMMEDIATE`
 //! on SQLite), so exactly one transaction writes at a time, it assigns global positions
 //! as `max + 1 …` under that lock, and the next one can only start after it committed
