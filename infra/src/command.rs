@@ -20,7 +20,9 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::bus::{Bus, BusMessage};
-use crate::store::{EventStore, ExpectedVersion, StoreError, read_whole_stream};
+use crate::store::{
+    Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT, StoreError, read_whole_stream,
+};
 
 /// How often a command is re-decided after losing an optimistic-concurrency race.
 pub const MAX_CONFLICT_RETRIES: u32 = 8;
@@ -99,16 +101,48 @@ where
     A::Event: DomainEvent,
     S: EventStore,
 {
+    execute_from::<A, S>(store, stream, command, context, &[], A::default()).await
+}
+
+/// [`execute`] for a caller that already holds a prefix of the stream — its envelopes
+/// from version 1 on, and the aggregate folded from exactly those (a reactor that keeps
+/// the streams it works on). Only the tail after the prefix is read and decoded; the
+/// result is the same as `execute`'s, because a stream only grows and the append's
+/// expected version still catches anything written meanwhile (a conflict re-reads the
+/// tail). A prefix that does not run 1, 2, 3, … is ignored (the whole stream is read).
+pub async fn execute_from<A, S>(
+    store: &S,
+    stream: &StreamId,
+    command: &A::Command,
+    context: &CommandContext,
+    known: &[EventEnvelope],
+    known_state: A,
+) -> CommandReply
+where
+    A: Aggregate,
+    A::Event: DomainEvent,
+    S: EventStore,
+{
+    let contiguous = known
+        .iter()
+        .enumerate()
+        .all(|(index, e)| e.stream_version == index as u64 + 1);
+    let (known, prefix) = if contiguous {
+        (known, known_state)
+    } else {
+        (&[][..], A::default())
+    };
     for _attempt in 0..=MAX_CONFLICT_RETRIES {
-        let history = match read_whole_stream(store, &context.tenant, stream).await {
-            Ok(history) => history,
+        let from = known.last().map_or(1, |e| e.stream_version + 1);
+        let tail = match read_stream_from(store, &context.tenant, stream, from).await {
+            Ok(tail) => tail,
             Err(error) => return store_rejection(error),
         };
-        if let Some(reply) = prior_reply(stream, &history, context.command_id) {
+        if let Some(reply) = prior_reply(stream, known, &tail, context.command_id) {
             return reply;
         }
-        let mut state = A::default();
-        for envelope in &history {
+        let mut state = prefix.clone();
+        for envelope in &tail {
             match decode::<A::Event>(envelope) {
                 Ok(event) => state.apply(&event),
                 Err(error) => {
@@ -123,7 +157,7 @@ where
             Ok(events) => events,
             Err(error) => return rejected(RejectionCode::Invariant, error.to_string()),
         };
-        let version = history.last().map_or(0, |e| e.stream_version);
+        let version = tail.last().or(known.last()).map_or(0, |e| e.stream_version);
         if produced.is_empty() {
             return CommandReply::Accepted {
                 stream_id: stream.clone(),
@@ -164,6 +198,31 @@ where
     )
 }
 
+/// The stream from `from` (inclusive) to its end, page by page.
+async fn read_stream_from<S: EventStore>(
+    store: &S,
+    tenant: &TenantId,
+    stream: &StreamId,
+    from: u64,
+) -> Result<Vec<EventEnvelope>, StoreError> {
+    if from <= 1 {
+        return read_whole_stream(store, tenant, stream).await;
+    }
+    let mut events = Vec::new();
+    let mut next = from;
+    loop {
+        let page = store
+            .read_stream(tenant, stream, next, Direction::Forwards, MAX_READ_LIMIT)
+            .await?;
+        let done = page.len() < MAX_READ_LIMIT;
+        next = page.last().map_or(next, |e| e.stream_version + 1);
+        events.extend(page);
+        if done {
+            return Ok(events);
+        }
+    }
+}
+
 fn to_new_event<E: DomainEvent>(
     event: &E,
     stream: &StreamId,
@@ -196,11 +255,13 @@ fn to_new_event<E: DomainEvent>(
 /// The reply a command already got, if its events are on the stream.
 fn prior_reply(
     stream: &StreamId,
-    history: &[EventEnvelope],
+    known: &[EventEnvelope],
+    tail: &[EventEnvelope],
     command_id: Uuid,
 ) -> Option<CommandReply> {
-    let caused: Vec<&EventEnvelope> = history
+    let caused: Vec<&EventEnvelope> = known
         .iter()
+        .chain(tail)
         .filter(|e| e.metadata.causation_id == Some(command_id))
         .collect();
     let last = caused.last()?;
@@ -430,5 +491,177 @@ pub async fn send_command<P: serde::Serialize>(
             format!("no service answers on {subject}"),
         ),
         Err(error) => rejected(RejectionCode::Unavailable, error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chartline_domain::Aggregate;
+    use chartline_proto::codec::DomainEvent;
+    use chartline_proto::commands::{CommandReply, RejectionCode};
+    use chartline_proto::{Actor, ActorKind, StreamId, TenantId};
+    use serde::{Deserialize, Serialize};
+    use uuid::Uuid;
+
+    use super::{CommandContext, execute, execute_from};
+    use crate::store::read_whole_stream;
+    use crate::store::sqlite::SqliteStore;
+
+    /// A counter that refuses to pass its cap: its decisions depend on every event.
+    #[derive(Debug, Clone, Default)]
+    struct Counter {
+        total: u64,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Add {
+        n: u64,
+        cap: u64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "type", content = "data")]
+    enum CounterEvent {
+        Added { n: u64 },
+    }
+
+    #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+    #[error("the cap would be passed")]
+    struct OverCap;
+
+    impl DomainEvent for CounterEvent {
+        const CATEGORY: &'static str = "counter";
+        fn event_type(&self) -> &'static str {
+            "Added"
+        }
+        fn contains_phi(&self) -> bool {
+            false
+        }
+    }
+
+    impl Aggregate for Counter {
+        const CATEGORY: &'static str = "counter";
+        type Command = Add;
+        type Event = CounterEvent;
+        type Error = OverCap;
+        fn decide(&self, command: &Add) -> Result<Vec<CounterEvent>, OverCap> {
+            if self.total + command.n > command.cap {
+                return Err(OverCap);
+            }
+            Ok(vec![CounterEvent::Added { n: command.n }])
+        }
+        fn apply(&mut self, event: &CounterEvent) {
+            let CounterEvent::Added { n } = event;
+            self.total += n;
+        }
+    }
+
+    fn context(command_id: Uuid) -> CommandContext {
+        CommandContext {
+            tenant: TenantId::parse("default").unwrap(),
+            command_id,
+            actor: Actor::new(ActorKind::System, "test"),
+            correlation_id: Uuid::now_v7(),
+            source: "test".into(),
+        }
+    }
+
+    /// A caller's prefix only saves reading: the decision still sees the events after
+    /// it, a command already in the prefix is answered from it, and a prefix that is not
+    /// the stream's start is ignored.
+    #[tokio::test]
+    async fn execute_from_a_stale_prefix_decides_on_the_whole_stream() {
+        let dir = std::env::temp_dir().join(format!("chartline_cmd_{}", Uuid::new_v4().simple()));
+        let store = SqliteStore::open(&format!("sqlite://{}/events.db", dir.display()))
+            .await
+            .unwrap();
+        let stream = StreamId::parse("counter-1").unwrap();
+        let first = Uuid::now_v7();
+        for id in [first, Uuid::now_v7(), Uuid::now_v7()] {
+            let reply =
+                execute::<Counter, _>(&store, &stream, &Add { n: 1, cap: 8 }, &context(id)).await;
+            assert!(matches!(reply, CommandReply::Accepted { .. }), "{reply:?}");
+        }
+        let tenant = TenantId::parse("default").unwrap();
+        let history = read_whole_stream(&store, &tenant, &stream).await.unwrap();
+        let prefix = &history[..2];
+        let prefix_state = Counter { total: 2 };
+
+        // Total is 3, not the prefix's 2: adding 6 passes the cap of 8.
+        let over = execute_from::<Counter, _>(
+            &store,
+            &stream,
+            &Add { n: 6, cap: 8 },
+            &context(Uuid::now_v7()),
+            prefix,
+            prefix_state.clone(),
+        )
+        .await;
+        assert!(
+            matches!(
+                over,
+                CommandReply::Rejected {
+                    code: RejectionCode::Invariant,
+                    ..
+                }
+            ),
+            "{over:?}"
+        );
+        // A retried command found in the prefix gets its original answer.
+        let retry = execute_from::<Counter, _>(
+            &store,
+            &stream,
+            &Add { n: 1, cap: 8 },
+            &context(first),
+            prefix,
+            prefix_state.clone(),
+        )
+        .await;
+        assert!(
+            matches!(retry, CommandReply::Accepted { version: 1, .. }),
+            "{retry:?}"
+        );
+        // A prefix that does not start at version 1 is not trusted.
+        let gapped = execute_from::<Counter, _>(
+            &store,
+            &stream,
+            &Add { n: 6, cap: 8 },
+            &context(Uuid::now_v7()),
+            &history[1..2],
+            Counter { total: 0 },
+        )
+        .await;
+        assert!(
+            matches!(
+                gapped,
+                CommandReply::Rejected {
+                    code: RejectionCode::Invariant,
+                    ..
+                }
+            ),
+            "{gapped:?}"
+        );
+        // Within the cap, the append lands after the tail, at version 4.
+        let fits = execute_from::<Counter, _>(
+            &store,
+            &stream,
+            &Add { n: 5, cap: 8 },
+            &context(Uuid::now_v7()),
+            prefix,
+            prefix_state,
+        )
+        .await;
+        assert!(
+            matches!(fits, CommandReply::Accepted { version: 4, .. }),
+            "{fits:?}"
+        );
+        assert_eq!(
+            read_whole_stream(&store, &tenant, &stream)
+                .await
+                .unwrap()
+                .len(),
+            4
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

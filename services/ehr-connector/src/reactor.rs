@@ -29,7 +29,7 @@ use chartline_domain::encounter::{Encounter, EncounterCommand, EncounterEvent, W
 use chartline_domain::patient::{IdentityStatus, Patient, PatientEvent};
 use chartline_infra::EventStore;
 use chartline_infra::checkpoint::{CHECKPOINT_CATEGORY, Checkpoint};
-use chartline_infra::command::{CommandContext, execute};
+use chartline_infra::command::{CommandContext, execute_from};
 use chartline_infra::store::{
     Direction, MAX_READ_LIMIT, ReadScope, StoreError, Subscription, read_whole_stream,
 };
@@ -342,9 +342,12 @@ impl<S: EventStore> Connector<S> {
         }
     }
 
+    /// Runs an encounter command from the stream as this task already holds it (`known`):
+    /// only the tail after it is read (see `execute_from`).
     async fn command(
         &self,
         job: &Job,
+        known: &Loaded,
         command_id: Uuid,
         correlation_id: Uuid,
         make: impl Fn(DateTime<Utc>) -> EncounterCommand,
@@ -376,9 +379,20 @@ impl<S: EventStore> Connector<S> {
         // Our events carry the encounter's latest time (never later), so they cannot
         // push another system's facts into the past; if a newer fact lands meanwhile,
         // re-read it and try again.
+        let mut known_state = Encounter::default();
+        for event in &known.events {
+            known_state.apply(event);
+        }
         for _ in 0..5 {
-            reply =
-                execute::<Encounter, S>(&self.inner.store, &job.stream, &make(at), &context).await;
+            reply = execute_from::<Encounter, S>(
+                &self.inner.store,
+                &job.stream,
+                &make(at),
+                &context,
+                &known.history,
+                known_state.clone(),
+            )
+            .await;
             match &reply {
                 CommandReply::Rejected { message, .. }
                     if message.starts_with("time went backwards") =>
@@ -471,6 +485,7 @@ impl<S: EventStore> Connector<S> {
             let reply = self
                 .command(
                     job,
+                    cache,
                     ids("phi-transfer-blocked"),
                     correlation,
                     |at| EncounterCommand::RecordPhiTransferBlocked {
@@ -493,6 +508,7 @@ impl<S: EventStore> Connector<S> {
         let requested = self
             .command(
                 job,
+                cache,
                 ids("request"),
                 correlation,
                 |at| EncounterCommand::RequestWriteBack {
@@ -583,7 +599,7 @@ impl<S: EventStore> Connector<S> {
             }
         };
         match self
-            .command(job, ids("outcome"), correlation, command, at)
+            .command(job, cache, ids("outcome"), correlation, command, at)
             .await
         {
             CommandReply::Accepted { .. } => outcome,
