@@ -20,9 +20,7 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::bus::{Bus, BusMessage};
-use crate::store::{
-    Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT, StoreError, read_whole_stream,
-};
+use crate::store::{EventStore, ExpectedVersion, StoreError, read_stream_tail};
 
 /// How often a command is re-decided after losing an optimistic-concurrency race.
 pub const MAX_CONFLICT_RETRIES: u32 = 8;
@@ -134,7 +132,7 @@ where
     };
     for _attempt in 0..=MAX_CONFLICT_RETRIES {
         let from = known.last().map_or(1, |e| e.stream_version + 1);
-        let tail = match read_stream_from(store, &context.tenant, stream, from).await {
+        let tail = match read_stream_tail(store, &context.tenant, stream, from).await {
             Ok(tail) => tail,
             Err(error) => return store_rejection(error),
         };
@@ -196,31 +194,6 @@ where
         RejectionCode::Conflict,
         format!("{stream} kept changing; gave up after {MAX_CONFLICT_RETRIES} retries"),
     )
-}
-
-/// The stream from `from` (inclusive) to its end, page by page.
-async fn read_stream_from<S: EventStore>(
-    store: &S,
-    tenant: &TenantId,
-    stream: &StreamId,
-    from: u64,
-) -> Result<Vec<EventEnvelope>, StoreError> {
-    if from <= 1 {
-        return read_whole_stream(store, tenant, stream).await;
-    }
-    let mut events = Vec::new();
-    let mut next = from;
-    loop {
-        let page = store
-            .read_stream(tenant, stream, next, Direction::Forwards, MAX_READ_LIMIT)
-            .await?;
-        let done = page.len() < MAX_READ_LIMIT;
-        next = page.last().map_or(next, |e| e.stream_version + 1);
-        events.extend(page);
-        if done {
-            return Ok(events);
-        }
-    }
 }
 
 fn to_new_event<E: DomainEvent>(

@@ -273,8 +273,19 @@ pub async fn read_whole_stream<S: EventStore>(
     tenant: &TenantId,
     stream: &StreamId,
 ) -> Result<Vec<EventEnvelope>, StoreError> {
+    read_stream_tail(store, tenant, stream, 1).await
+}
+
+/// A stream from version `from` (inclusive) to its end, page by page (a caller that holds
+/// versions 1…from−1 reads only what follows them).
+pub async fn read_stream_tail<S: EventStore>(
+    store: &S,
+    tenant: &TenantId,
+    stream: &StreamId,
+    from: u64,
+) -> Result<Vec<EventEnvelope>, StoreError> {
     let mut events = Vec::new();
-    let mut from = 1;
+    let mut from = from.max(1);
     loop {
         let page = store
             .read_stream(tenant, stream, from, Direction::Forwards, MAX_READ_LIMIT)

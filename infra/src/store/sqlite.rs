@@ -7,13 +7,14 @@
 //! `?synchronous=full` in the URL for power-loss durability at a higher cost per commit.
 //!
 //! ## Two drivers on one file
-//! The hot paths — every group commit, `read_all`, `read_stream`, `head_position` — run on
+//! Every event read and write — group commits, `read_all`, `read_stream`, `head_position`,
+//! the stream reads of `verify` — runs on
 //! [`rusqlite`] connections, synchronously on the calling thread (pages larger than
 //! [`INLINE_READ_LIMIT`] on the blocking pool). sqlx's SQLite driver runs each statement
 //! on a worker thread and hands every row over through a channel: a one-event append was
 //! five thread hand-offs (≈ 2,200 appends/s on this machine class), and `read_all`
-//! copied every column of every row once more. Migrations, verification, stats and the
-//! read models that live in the store's file keep using the sqlx pool ([`SqliteStore::pool`]).
+//! copied every column of every row once more. Migrations, stats, tenants and the read
+//! models that live in the store's file keep using the sqlx pool ([`SqliteStore::pool`]).
 //! Both drivers link the same bundled SQLite and meet only through the database file,
 //! whose WAL and locks serialize them exactly as they serialize separate processes.
 
@@ -27,7 +28,7 @@ use chartline_proto::{EventEnvelope, StreamId, TenantId};
 use chrono::Utc;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlSafeStr, SqlitePool};
+use sqlx::{SqlSafeStr, SqlitePool};
 use uuid::Uuid;
 
 use super::writer::{
@@ -274,39 +275,24 @@ impl SqliteStore {
         self.writer.head()
     }
 
+    /// A whole stream as stored (not upcast), for verification; on the blocking pool,
+    /// since a stream's size is not bounded by a page.
     async fn raw_events_of(
         &self,
         sql: &'static str,
         binds: &[&str],
     ) -> Result<Vec<EventEnvelope>, StoreError> {
-        let mut query = sqlx::query(sql);
-        for bind in binds {
-            query = query.bind(*bind);
-        }
-        let rows = query.fetch_all(&self.pool).await?;
-        rows.iter().map(row_to_envelope).collect()
+        let binds: Vec<String> = binds.iter().map(|b| (*b).to_owned()).collect();
+        self.direct
+            .read_page(usize::MAX, move |connection| {
+                direct_events(connection, sql, rusqlite::params_from_iter(binds))
+            })
+            .await
     }
 }
 
-fn row_to_envelope(row: &sqlx::sqlite::SqliteRow) -> Result<EventEnvelope, StoreError> {
-    // By index, in super::sql's column order (read_all decodes millions of rows; a
-    // column-name lookup per column per row is wasted work).
-    envelope_from_columns(
-        row.try_get(0)?,
-        row.try_get(1)?,
-        row.try_get(2)?,
-        row.try_get(3)?,
-        row.try_get(4)?,
-        row.try_get(5)?,
-        row.try_get(6)?,
-        row.try_get(7)?,
-        row.try_get(8)?,
-        row.try_get(9)?,
-        row.try_get(10)?,
-    )
-}
-
-/// The same decoding from a direct row: text columns are borrowed from SQLite's buffer.
+/// Decodes a row of `super::sql`'s event queries, by index in its column order; text
+/// columns are borrowed from SQLite's buffer.
 fn direct_row_to_envelope(row: &rusqlite::Row<'_>) -> Result<EventEnvelope, StoreError> {
     let text = |index: usize| -> Result<&str, StoreError> { Ok(row.get_ref(index)?.as_str()?) };
     envelope_from_columns(

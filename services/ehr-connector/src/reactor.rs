@@ -31,7 +31,7 @@ use chartline_infra::EventStore;
 use chartline_infra::checkpoint::{CHECKPOINT_CATEGORY, Checkpoint};
 use chartline_infra::command::{CommandContext, execute_from};
 use chartline_infra::store::{
-    Direction, MAX_READ_LIMIT, ReadScope, StoreError, Subscription, read_whole_stream,
+    ReadScope, StoreError, Subscription, read_stream_tail, read_whole_stream,
 };
 use chartline_proto::codec::decode;
 use chartline_proto::commands::CommandReply;
@@ -322,24 +322,16 @@ impl<S: EventStore> Connector<S> {
         stream: &StreamId,
         cache: &mut Loaded,
     ) -> Result<(), String> {
-        loop {
-            let from = cache.history.last().map_or(1, |e| e.stream_version + 1);
-            let page = self
-                .inner
-                .store
-                .read_stream(tenant, stream, from, Direction::Forwards, MAX_READ_LIMIT)
-                .await
-                .map_err(|e| e.to_string())?;
-            let done = page.len() < MAX_READ_LIMIT;
-            for envelope in page {
-                let event = decode::<EncounterEvent>(&envelope).map_err(|e| e.to_string())?;
-                cache.history.push(envelope);
-                cache.events.push(event);
-            }
-            if done {
-                return Ok(());
-            }
+        let from = cache.history.last().map_or(1, |e| e.stream_version + 1);
+        let tail = read_stream_tail(&self.inner.store, tenant, stream, from)
+            .await
+            .map_err(|e| e.to_string())?;
+        for envelope in tail {
+            let event = decode::<EncounterEvent>(&envelope).map_err(|e| e.to_string())?;
+            cache.history.push(envelope);
+            cache.events.push(event);
         }
+        Ok(())
     }
 
     /// Runs an encounter command from the stream as this task already holds it (`known`):
