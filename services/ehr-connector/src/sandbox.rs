@@ -38,12 +38,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
-
 pub mod smart;
+mod storage;
 
 use smart::{SandboxSmart, SmartServer};
+use storage::{Storage, StorageError};
 
 /// Fault injection settings (`POST /_faults`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -108,7 +107,7 @@ impl FaultState {
 
 #[derive(Clone)]
 struct AppState {
-    pool: SqlitePool,
+    db: Arc<Storage>,
     /// Serializes writes (conditional create is atomic here unless `race` is on).
     write_lock: Arc<tokio::sync::Mutex<()>>,
     faults: Arc<Mutex<FaultState>>,
@@ -136,46 +135,15 @@ pub struct SandboxEhr {
     address: SocketAddr,
 }
 
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS resources (rtype TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (rtype, id))",
-    "CREATE TABLE IF NOT EXISTS history (rtype TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (rtype, id, version))",
-    "CREATE TABLE IF NOT EXISTS search_keys (rtype TEXT NOT NULL, param TEXT NOT NULL, system TEXT NOT NULL, value TEXT NOT NULL, id TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS search_keys_lookup ON search_keys (rtype, param, system, value)",
-    "CREATE INDEX IF NOT EXISTS search_keys_by_id ON search_keys (rtype, id)",
-];
-
 impl SandboxEhr {
     pub async fn build(listen: &str, config: SandboxConfig) -> Result<SandboxEhr, String> {
-        let options: SqliteConnectOptions = config
-            .database_url
-            .parse::<SqliteConnectOptions>()
-            .map_err(|e| format!("sandbox database {}: {e}", config.database_url))?
-            .create_if_missing(true)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
-        if let Some(path) = config.database_url.strip_prefix("sqlite://")
-            && let Some(parent) = std::path::Path::new(path).parent()
-            && !parent.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await
-            .map_err(|e| format!("opening the sandbox database: {e}"))?;
-        for statement in SCHEMA {
-            sqlx::query(*statement)
-                .execute(&pool)
-                .await
-                .map_err(|e| format!("sandbox schema: {e}"))?;
-        }
+        let db = Arc::new(Storage::open(&config.database_url)?);
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("binding {listen}: {e}"))?;
         let address = listener.local_addr().map_err(|e| e.to_string())?;
         let state = AppState {
-            pool,
+            db,
             write_lock: Arc::new(tokio::sync::Mutex::new(())),
             faults: Arc::new(Mutex::new(FaultState {
                 faults: Faults::default(),
@@ -394,37 +362,7 @@ async fn clear_faults(State(state): State<AppState>) -> Response {
 }
 
 async fn stats(State(state): State<AppState>) -> Response {
-    let result: Result<Value, sqlx::Error> = async {
-        let mut counts = serde_json::Map::new();
-        for row in sqlx::query("SELECT rtype, COUNT(*) AS n FROM resources GROUP BY rtype ORDER BY rtype")
-            .fetch_all(&state.pool)
-            .await?
-        {
-            counts.insert(row.get::<String, _>("rtype"), json!(row.get::<i64, _>("n")));
-        }
-        let duplicates: Vec<Value> = sqlx::query(
-            "SELECT rtype, param, system, value, COUNT(DISTINCT id) AS n FROM search_keys \
-             GROUP BY rtype, param, system, value HAVING COUNT(DISTINCT id) > 1 ORDER BY rtype, value",
-        )
-        .fetch_all(&state.pool)
-        .await?
-        .iter()
-        .map(|row| {
-            json!({
-                "resourceType": row.get::<String, _>("rtype"),
-                "key": format!("{}={}|{}", row.get::<String, _>("param"), row.get::<String, _>("system"), row.get::<String, _>("value")),
-                "count": row.get::<i64, _>("n"),
-            })
-        })
-        .collect();
-        let versions: i64 = sqlx::query("SELECT COUNT(*) AS n FROM history")
-            .fetch_one(&state.pool)
-            .await?
-            .get("n");
-        Ok(json!({"resources": counts, "versions": versions, "duplicates": duplicates}))
-    }
-    .await;
-    match result {
+    match state.db.stats() {
         Ok(body) => axum::Json(body).into_response(),
         Err(error) => internal(error),
     }
@@ -468,29 +406,6 @@ async fn metadata(State(state): State<AppState>) -> Response {
     (StatusCode::OK, fhir_json(&body)).into_response()
 }
 
-/// Search keys a resource is findable by: identifiers and `meta.tag`s.
-fn search_keys(resource: &Value) -> Vec<(&'static str, String, String)> {
-    let mut keys = Vec::new();
-    let identifiers: Vec<&Value> = match &resource["identifier"] {
-        Value::Array(list) => list.iter().collect(),
-        object @ Value::Object(_) => vec![object],
-        _ => vec![],
-    };
-    for identifier in identifiers {
-        if let (Some(system), Some(value)) =
-            (identifier["system"].as_str(), identifier["value"].as_str())
-        {
-            keys.push(("identifier", system.to_string(), value.to_string()));
-        }
-    }
-    for tag in resource["meta"]["tag"].as_array().into_iter().flatten() {
-        if let (Some(system), Some(code)) = (tag["system"].as_str(), tag["code"].as_str()) {
-            keys.push(("_tag", system.to_string(), code.to_string()));
-        }
-    }
-    keys
-}
-
 /// Parses `identifier=system|value` / `_tag=system|value` (percent-decoded).
 fn parse_condition(condition: &str) -> Option<(String, String, String)> {
     let (param, token) = condition.split_once('=')?;
@@ -517,85 +432,6 @@ fn percent_decode(text: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-async fn find_ids(
-    pool: &SqlitePool,
-    rtype: &str,
-    param: &str,
-    system: &str,
-    value: &str,
-) -> Result<Vec<String>, sqlx::Error> {
-    Ok(sqlx::query(
-        "SELECT DISTINCT id FROM search_keys WHERE rtype = ? AND param = ? AND system = ? AND value = ? ORDER BY id",
-    )
-    .bind(rtype)
-    .bind(param)
-    .bind(system)
-    .bind(value)
-    .fetch_all(pool)
-    .await?
-    .iter()
-    .map(|row| row.get::<String, _>("id"))
-    .collect())
-}
-
-async fn load(pool: &SqlitePool, rtype: &str, id: &str) -> Result<Option<Value>, sqlx::Error> {
-    let row = sqlx::query("SELECT body FROM resources WHERE rtype = ? AND id = ?")
-        .bind(rtype)
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
-    Ok(row.and_then(|row| serde_json::from_str(&row.get::<String, _>("body")).ok()))
-}
-
-/// Stores a new version (1 for a create) and its search keys.
-async fn store_version(
-    pool: &SqlitePool,
-    rtype: &str,
-    id: &str,
-    version: i64,
-    mut resource: Value,
-) -> Result<Value, sqlx::Error> {
-    resource["id"] = json!(id);
-    resource["meta"]["versionId"] = json!(version.to_string());
-    resource["meta"]["lastUpdated"] =
-        json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
-    let body = resource.to_string();
-    let mut tx = pool.begin().await?;
-    sqlx::query("INSERT OR REPLACE INTO resources (rtype, id, version, body) VALUES (?, ?, ?, ?)")
-        .bind(rtype)
-        .bind(id)
-        .bind(version)
-        .bind(&body)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("INSERT INTO history (rtype, id, version, body) VALUES (?, ?, ?, ?)")
-        .bind(rtype)
-        .bind(id)
-        .bind(version)
-        .bind(&body)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM search_keys WHERE rtype = ? AND id = ?")
-        .bind(rtype)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    for (param, system, value) in search_keys(&resource) {
-        sqlx::query(
-            "INSERT INTO search_keys (rtype, param, system, value, id) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(rtype)
-        .bind(param)
-        .bind(system)
-        .bind(value)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(resource)
 }
 
 fn with_version_headers(status: StatusCode, rtype: &str, resource: &Value, body: bool) -> Response {
@@ -634,7 +470,7 @@ async fn create_resource(
     rtype: &str,
     resource: Value,
     condition: Option<&str>,
-) -> Result<Result<CreateOutcome, Response>, sqlx::Error> {
+) -> Result<Result<CreateOutcome, Response>, StorageError> {
     if resource["resourceType"].as_str() != Some(rtype) {
         return Ok(Err(outcome(
             StatusCode::BAD_REQUEST,
@@ -656,11 +492,11 @@ async fn create_resource(
                 format!("unsupported If-None-Exist condition {condition:?}"),
             )));
         };
-        let ids = find_ids(&state.pool, rtype, &param, &system, &value).await?;
+        let ids = state.db.find_ids(rtype, &param, &system, &value)?;
         match ids.as_slice() {
             [] => {}
             [id] => {
-                let existing = load(&state.pool, rtype, id).await?.unwrap_or(Value::Null);
+                let existing = state.db.load(rtype, id)?.unwrap_or(Value::Null);
                 return Ok(Ok(CreateOutcome::Exists(existing)));
             }
             many => return Ok(Ok(CreateOutcome::Ambiguous(many.len()))),
@@ -671,7 +507,7 @@ async fn create_resource(
         }
     }
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let stored = store_version(&state.pool, rtype, &id, 1, resource).await?;
+    let stored = state.db.store_version(rtype, &id, 1, resource)?;
     Ok(Ok(CreateOutcome::Created(stored)))
 }
 
@@ -716,21 +552,7 @@ async fn delete(
     Path((rtype, id)): Path<(String, String)>,
 ) -> Response {
     let _guard = state.write_lock.lock().await;
-    let result: Result<(), sqlx::Error> = async {
-        let mut tx = state.pool.begin().await?;
-        sqlx::query("DELETE FROM resources WHERE rtype = ? AND id = ?")
-            .bind(&rtype)
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM search_keys WHERE rtype = ? AND id = ?")
-            .bind(&rtype)
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await
-    }
-    .await;
+    let result = state.db.delete(&rtype, &id);
     match result {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(error) => internal(error),
@@ -741,7 +563,7 @@ async fn read(
     State(state): State<AppState>,
     Path((rtype, id)): Path<(String, String)>,
 ) -> Response {
-    match load(&state.pool, &rtype, &id).await {
+    match state.db.load(&rtype, &id) {
         Ok(Some(resource)) => with_version_headers(StatusCode::OK, &rtype, &resource, true),
         Ok(None) => outcome(
             StatusCode::NOT_FOUND,
@@ -775,13 +597,8 @@ async fn update(
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim_start_matches("W/").trim_matches('"').to_string());
     let _guard = state.write_lock.lock().await;
-    let result: Result<Response, sqlx::Error> = async {
-        let current = sqlx::query("SELECT version FROM resources WHERE rtype = ? AND id = ?")
-            .bind(&rtype)
-            .bind(&id)
-            .fetch_optional(&state.pool)
-            .await?
-            .map(|row| row.get::<i64, _>("version"));
+    let result = (|| -> Result<Response, StorageError> {
+        let current = state.db.current_version(&rtype, &id)?;
         if let Some(expected) = &if_match
             && current.map(|v| v.to_string()).as_deref() != Some(expected.as_str())
         {
@@ -795,7 +612,7 @@ async fn update(
             ));
         }
         let version = current.unwrap_or(0) + 1;
-        let stored = store_version(&state.pool, &rtype, &id, version, resource).await?;
+        let stored = state.db.store_version(&rtype, &id, version, resource)?;
         let status = if current.is_some() {
             StatusCode::OK
         } else {
@@ -807,8 +624,7 @@ async fn update(
             &stored,
             !wants_minimal(&headers),
         ))
-    }
-    .await;
+    })();
     result.unwrap_or_else(internal)
 }
 
@@ -826,7 +642,7 @@ async fn search(
     Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
     let base = state.base_url.lock().expect("base url").clone();
-    let result: Result<Response, sqlx::Error> = async {
+    let result = (|| -> Result<Response, StorageError> {
         let mut ids: Option<Vec<String>> = None;
         for (param, token) in &params {
             if param != "identifier" && param != "_tag" {
@@ -839,7 +655,7 @@ async fn search(
                     "token search needs system|value",
                 ));
             };
-            let found = find_ids(&state.pool, &rtype, param, system, value).await?;
+            let found = state.db.find_ids(&rtype, param, system, value)?;
             ids = Some(match ids {
                 None => found,
                 Some(previous) => previous
@@ -850,17 +666,11 @@ async fn search(
         }
         let ids = match ids {
             Some(ids) => ids,
-            None => sqlx::query("SELECT id FROM resources WHERE rtype = ? ORDER BY id LIMIT 1000")
-                .bind(&rtype)
-                .fetch_all(&state.pool)
-                .await?
-                .iter()
-                .map(|row| row.get::<String, _>("id"))
-                .collect(),
+            None => state.db.list_ids(&rtype)?,
         };
         let mut resources = Vec::new();
         for id in ids {
-            if let Some(resource) = load(&state.pool, &rtype, &id).await? {
+            if let Some(resource) = state.db.load(&rtype, &id)? {
                 resources.push((format!("{rtype}/{id}"), resource));
             }
         }
@@ -869,8 +679,7 @@ async fn search(
             fhir_json(&bundle("searchset", &base, resources)),
         )
             .into_response())
-    }
-    .await;
+    })();
     result.unwrap_or_else(internal)
 }
 
@@ -879,14 +688,7 @@ async fn history(
     Path((rtype, id)): Path<(String, String)>,
 ) -> Response {
     let base = state.base_url.lock().expect("base url").clone();
-    let rows = sqlx::query(
-        "SELECT version, body FROM history WHERE rtype = ? AND id = ? ORDER BY version DESC",
-    )
-    .bind(&rtype)
-    .bind(&id)
-    .fetch_all(&state.pool)
-    .await;
-    match rows {
+    match state.db.history(&rtype, &id) {
         Ok(rows) if rows.is_empty() => outcome(
             StatusCode::NOT_FOUND,
             "not-found",
@@ -894,13 +696,8 @@ async fn history(
         ),
         Ok(rows) => {
             let versions = rows
-                .iter()
-                .map(|row| {
-                    let version = row.get::<i64, _>("version");
-                    let body: Value =
-                        serde_json::from_str(&row.get::<String, _>("body")).unwrap_or(Value::Null);
-                    (format!("{rtype}/{id}/_history/{version}"), body)
-                })
+                .into_iter()
+                .map(|(version, body)| (format!("{rtype}/{id}/_history/{version}"), body))
                 .collect();
             let mut body = bundle("history", &base, versions);
             for entry in body["entry"].as_array_mut().into_iter().flatten() {
@@ -919,18 +716,8 @@ async fn read_version(
     let Ok(version) = vid.parse::<i64>() else {
         return outcome(StatusCode::NOT_FOUND, "not-found", "no such version");
     };
-    let row = sqlx::query("SELECT body FROM history WHERE rtype = ? AND id = ? AND version = ?")
-        .bind(&rtype)
-        .bind(&id)
-        .bind(version)
-        .fetch_optional(&state.pool)
-        .await;
-    match row {
-        Ok(Some(row)) => {
-            let body: Value =
-                serde_json::from_str(&row.get::<String, _>("body")).unwrap_or(Value::Null);
-            with_version_headers(StatusCode::OK, &rtype, &body, true)
-        }
+    match state.db.read_version(&rtype, &id, version) {
+        Ok(Some(body)) => with_version_headers(StatusCode::OK, &rtype, &body, true),
         Ok(None) => outcome(StatusCode::NOT_FOUND, "not-found", "no such version"),
         Err(error) => internal(error),
     }
