@@ -9,17 +9,23 @@
 //! SQLite write transactions start with `BEGIN IMMEDIATE` (the write lock is taken up
 //! front, so two writers never deadlock on a lock upgrade); PostgreSQL transactions
 //! lock the projection's state row with `SELECT … FOR UPDATE` (see the engine).
+//!
+//! SQLite statements run through `rusqlite` on the calling thread, as the event store's
+//! do (ARCHITECTURE.md, "Two SQLite drivers"): sqlx's SQLite driver hands every
+//! statement to a worker thread, and in a rebuild the engine spent about half its time
+//! waiting for those hand-offs. The write lock is waited for asynchronously (busy →
+//! sleep and retry), never in SQLite's busy handler, so a waiting transaction does not
+//! hold a runtime thread that the lock's owner may need. sqlx still runs the migrations.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
-use sqlx::{AssertSqlSafe, PgPool, Postgres, Row as _, SqlSafeStr, Sqlite, SqlitePool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Row as _, SqlSafeStr};
 
 use crate::error::ProjectionError;
 
@@ -351,8 +357,171 @@ impl Backend {
 /// A connection pool to the read-model database.
 #[derive(Clone, Debug)]
 pub enum ReadDb {
-    Sqlite(SqlitePool),
+    Sqlite(Arc<SqliteReadDb>),
     Postgres(PgPool),
+}
+
+/// Idle SQLite connections kept for reuse.
+const SQLITE_IDLE: usize = 4;
+
+/// How long a SQLite transaction waits for the write lock (and a statement for a
+/// transient lock) before it fails with `SQLITE_BUSY`.
+const SQLITE_BUSY_LIMIT: Duration = Duration::from_secs(30);
+
+/// The SQLite read-model database: a file and its idle `rusqlite` connections.
+#[derive(Debug)]
+pub struct SqliteReadDb {
+    path: String,
+    idle: Mutex<Vec<rusqlite::Connection>>,
+}
+
+impl SqliteReadDb {
+    fn connect(&self) -> Result<rusqlite::Connection, rusqlite::Error> {
+        let connection = rusqlite::Connection::open_with_flags(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
+                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        connection.busy_timeout(SQLITE_BUSY_LIMIT)?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "NORMAL")?;
+        connection.pragma_update(None, "cache_size", -65_536)?;
+        connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        Ok(connection)
+    }
+
+    fn take(&self) -> Result<rusqlite::Connection, rusqlite::Error> {
+        let idle = self.idle.lock().expect("idle connections").pop();
+        match idle {
+            Some(connection) => Ok(connection),
+            None => self.connect(),
+        }
+    }
+
+    /// Returns a connection that is outside any transaction.
+    fn give(&self, connection: rusqlite::Connection) {
+        if !connection.is_autocommit() {
+            return; // closing it rolls back whatever is open
+        }
+        let mut idle = self.idle.lock().expect("idle connections");
+        if idle.len() < SQLITE_IDLE {
+            idle.push(connection);
+        }
+    }
+
+    /// `BEGIN IMMEDIATE`, waiting for the write lock asynchronously.
+    async fn begin(self: &Arc<Self>) -> Result<Tx, ProjectionError> {
+        let connection = self.take()?;
+        connection.busy_timeout(Duration::ZERO)?;
+        let started = Instant::now();
+        let mut pause = Duration::from_micros(500);
+        loop {
+            match connection.execute_batch("BEGIN IMMEDIATE") {
+                Ok(()) => break,
+                Err(error) if is_busy(&error) && started.elapsed() < SQLITE_BUSY_LIMIT => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        connection.busy_timeout(SQLITE_BUSY_LIMIT)?;
+        Ok(Tx::Sqlite(SqliteTx {
+            connection: Some(connection),
+            db: self.clone(),
+        }))
+    }
+
+    fn fetch(
+        &self,
+        sql: &str,
+        binds: &[Cell],
+        kinds: &[Kind],
+    ) -> Result<Vec<Vec<Cell>>, ProjectionError> {
+        let connection = self.take()?;
+        let rows = sqlite_fetch(&connection, sql, binds, kinds);
+        self.give(connection);
+        rows
+    }
+}
+
+fn is_busy(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// An open SQLite write transaction; dropped unfinished, it rolls back.
+pub struct SqliteTx {
+    connection: Option<rusqlite::Connection>,
+    db: Arc<SqliteReadDb>,
+}
+
+impl SqliteTx {
+    fn connection(&self) -> &rusqlite::Connection {
+        self.connection.as_ref().expect("an open transaction")
+    }
+
+    fn finish(mut self, statement: &str) -> Result<(), ProjectionError> {
+        let connection = self.connection.take().expect("an open transaction");
+        let result = connection.execute_batch(statement);
+        if result.is_err() && !connection.is_autocommit() {
+            let _ = connection.execute_batch("ROLLBACK");
+        }
+        self.db.give(connection);
+        Ok(result?)
+    }
+}
+
+impl Drop for SqliteTx {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take()
+            && connection.execute_batch("ROLLBACK").is_ok()
+        {
+            self.db.give(connection);
+        }
+    }
+}
+
+impl rusqlite::ToSql for Cell {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(ToSqlOutput::Borrowed(match self {
+            Cell::Null => ValueRef::Null,
+            Cell::Int(v) => ValueRef::Integer(*v),
+            Cell::Real(v) => ValueRef::Real(*v),
+            Cell::Text(v) => ValueRef::Text(v.as_bytes()),
+        }))
+    }
+}
+
+/// Runs a statement, stepping through any rows it returns; the number of rows changed.
+fn sqlite_execute(
+    connection: &rusqlite::Connection,
+    sql: &str,
+    binds: impl IntoIterator<Item = impl rusqlite::ToSql>,
+) -> Result<u64, rusqlite::Error> {
+    let mut statement = connection.prepare_cached(sql)?;
+    let mut rows = statement.query(rusqlite::params_from_iter(binds))?;
+    while rows.next()?.is_some() {}
+    Ok(connection.changes())
+}
+
+fn sqlite_fetch(
+    connection: &rusqlite::Connection,
+    sql: &str,
+    binds: &[Cell],
+    kinds: &[Kind],
+) -> Result<Vec<Vec<Cell>>, ProjectionError> {
+    let mut statement = connection.prepare_cached(sql)?;
+    let mut rows = statement.query(rusqlite::params_from_iter(binds))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(decode_sqlite(row, kinds)?);
+    }
+    Ok(out)
 }
 
 fn engine_migrator(backend: Backend) -> Migrator {
@@ -404,32 +573,41 @@ impl ReadDb {
                     ProjectionError::Config(format!("cannot create {}: {e}", parent.display()))
                 })?;
             }
+            // The engine's migrations run through sqlx; every other statement through
+            // rusqlite (see the module docs).
             let options = SqliteConnectOptions::from_str("sqlite://")
                 .map_err(|e| ProjectionError::Config(e.to_string()))?
                 .filename(path)
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(30))
-                .statement_cache_capacity(STATEMENT_CACHE)
-                .pragma("cache_size", "-65536");
+                .busy_timeout(SQLITE_BUSY_LIMIT);
             let pool = SqlitePoolOptions::new()
-                .max_connections(4)
+                .max_connections(1)
                 .connect_with(options)
                 .await?;
-            ReadDb::Sqlite(pool)
+            let migrated = engine_migrator(Backend::Sqlite).run(&pool).await;
+            pool.close().await;
+            migrated.map_err(|e| {
+                ProjectionError::Config(format!("projection migrations failed: {e}"))
+            })?;
+            return Ok(ReadDb::Sqlite(Arc::new(SqliteReadDb {
+                path: path.to_string(),
+                idle: Mutex::new(Vec::new()),
+            })));
         } else {
             return Err(ProjectionError::Config(format!(
                 "unsupported read-store URL {url:?}: use sqlite://PATH or postgres://…"
             )));
         };
-        let migrator = engine_migrator(db.backend());
-        let migrated = match &db {
-            ReadDb::Sqlite(pool) => migrator.run(pool).await,
-            ReadDb::Postgres(pool) => migrator.run(pool).await,
-        };
-        migrated
-            .map_err(|e| ProjectionError::Config(format!("projection migrations failed: {e}")))?;
+        if let ReadDb::Postgres(pool) = &db {
+            engine_migrator(Backend::Postgres)
+                .run(pool)
+                .await
+                .map_err(|e| {
+                    ProjectionError::Config(format!("projection migrations failed: {e}"))
+                })?;
+        }
         Ok(db)
     }
 
@@ -443,7 +621,7 @@ impl ReadDb {
     /// Begins a write transaction (SQLite: `BEGIN IMMEDIATE`).
     pub async fn begin(&self) -> Result<Tx, ProjectionError> {
         Ok(match self {
-            ReadDb::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            ReadDb::Sqlite(db) => db.begin().await?,
             ReadDb::Postgres(pool) => Tx::Postgres(pool.begin().await?),
         })
     }
@@ -457,12 +635,7 @@ impl ReadDb {
     ) -> Result<Vec<Vec<Cell>>, ProjectionError> {
         let sql = self.backend().placeholders(sql);
         match self {
-            ReadDb::Sqlite(pool) => {
-                let rows = bind_sqlite(sqlx::query(AssertSqlSafe(sql)), binds)
-                    .fetch_all(pool)
-                    .await?;
-                rows.iter().map(|r| decode_sqlite(r, kinds)).collect()
-            }
+            ReadDb::Sqlite(db) => db.fetch(&sql, binds, kinds),
             ReadDb::Postgres(pool) => {
                 let rows = bind_pg(sqlx::query(AssertSqlSafe(sql)), binds)
                     .fetch_all(pool)
@@ -484,7 +657,7 @@ impl ReadDb {
 
     pub async fn close(&self) {
         match self {
-            ReadDb::Sqlite(pool) => pool.close().await,
+            ReadDb::Sqlite(db) => db.idle.lock().expect("idle connections").clear(),
             ReadDb::Postgres(pool) => pool.close().await,
         }
     }
@@ -492,7 +665,7 @@ impl ReadDb {
 
 /// An open write transaction on the read-model database.
 pub enum Tx {
-    Sqlite(sqlx::Transaction<'static, Sqlite>),
+    Sqlite(SqliteTx),
     Postgres(sqlx::Transaction<'static, Postgres>),
 }
 
@@ -521,13 +694,9 @@ impl Tx {
 
     /// Executes a statement already in the backend's placeholder style.
     pub async fn execute(&mut self, sql: &str, binds: &[Cell]) -> Result<u64, ProjectionError> {
-        let sql = sql.to_string();
         Ok(match self {
-            Tx::Sqlite(tx) => bind_sqlite(sqlx::query(AssertSqlSafe(sql)), binds)
-                .execute(&mut **tx)
-                .await?
-                .rows_affected(),
-            Tx::Postgres(tx) => bind_pg(sqlx::query(AssertSqlSafe(sql)), binds)
+            Tx::Sqlite(tx) => sqlite_execute(tx.connection(), sql, binds)?,
+            Tx::Postgres(tx) => bind_pg(sqlx::query(AssertSqlSafe(sql.to_string())), binds)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected(),
@@ -547,16 +716,10 @@ impl Tx {
         binds: &[Cell],
         kinds: &[Kind],
     ) -> Result<Vec<Vec<Cell>>, ProjectionError> {
-        let sql = sql.to_string();
         match self {
-            Tx::Sqlite(tx) => {
-                let rows = bind_sqlite(sqlx::query(AssertSqlSafe(sql)), binds)
-                    .fetch_all(&mut **tx)
-                    .await?;
-                rows.iter().map(|r| decode_sqlite(r, kinds)).collect()
-            }
+            Tx::Sqlite(tx) => sqlite_fetch(tx.connection(), sql, binds, kinds),
             Tx::Postgres(tx) => {
-                let rows = bind_pg(sqlx::query(AssertSqlSafe(sql)), binds)
+                let rows = bind_pg(sqlx::query(AssertSqlSafe(sql.to_string())), binds)
                     .fetch_all(&mut **tx)
                     .await?;
                 rows.iter().map(|r| decode_pg(r, kinds)).collect()
@@ -600,13 +763,7 @@ impl Tx {
             };
             match self {
                 Tx::Sqlite(tx) => {
-                    let mut query = sqlx::query(AssertSqlSafe(sql));
-                    for row in chunk {
-                        for cell in row {
-                            query = bind_sqlite_cell(query, cell);
-                        }
-                    }
-                    query.execute(&mut **tx).await?;
+                    sqlite_execute(tx.connection(), &sql, chunk.iter().flatten())?;
                 }
                 Tx::Postgres(tx) => {
                     let mut query = sqlx::query(AssertSqlSafe(sql));
@@ -624,7 +781,7 @@ impl Tx {
 
     pub async fn commit(self) -> Result<(), ProjectionError> {
         match self {
-            Tx::Sqlite(tx) => tx.commit().await?,
+            Tx::Sqlite(tx) => tx.finish("COMMIT")?,
             Tx::Postgres(tx) => tx.commit().await?,
         }
         Ok(())
@@ -632,31 +789,14 @@ impl Tx {
 
     pub async fn rollback(self) -> Result<(), ProjectionError> {
         match self {
-            Tx::Sqlite(tx) => tx.rollback().await?,
+            Tx::Sqlite(tx) => tx.finish("ROLLBACK")?,
             Tx::Postgres(tx) => tx.rollback().await?,
         }
         Ok(())
     }
 }
 
-type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
-
-fn bind_sqlite_cell<'q>(query: SqliteQuery<'q>, cell: &'q Cell) -> SqliteQuery<'q> {
-    match cell {
-        Cell::Null => query.bind(None::<String>),
-        Cell::Int(v) => query.bind(*v),
-        Cell::Real(v) => query.bind(*v),
-        Cell::Text(v) => query.bind(v.as_str()),
-    }
-}
-
-fn bind_sqlite<'q>(mut query: SqliteQuery<'q>, binds: &'q [Cell]) -> SqliteQuery<'q> {
-    for cell in binds {
-        query = bind_sqlite_cell(query, cell);
-    }
-    query
-}
 
 fn bind_pg_typed<'q>(query: PgQuery<'q>, cell: &'q Cell, kind: Kind) -> PgQuery<'q> {
     match (cell, kind) {
@@ -682,21 +822,31 @@ fn bind_pg<'q>(mut query: PgQuery<'q>, binds: &'q [Cell]) -> PgQuery<'q> {
     query
 }
 
-fn decode_sqlite(row: &SqliteRow, kinds: &[Kind]) -> Result<Vec<Cell>, ProjectionError> {
+fn decode_sqlite(row: &rusqlite::Row<'_>, kinds: &[Kind]) -> Result<Vec<Cell>, ProjectionError> {
+    use rusqlite::types::{Type, ValueRef};
     kinds
         .iter()
         .enumerate()
         .map(|(index, kind)| {
-            Ok(match kind {
-                Kind::Int => row
-                    .try_get::<Option<i64>, _>(index)?
-                    .map_or(Cell::Null, Cell::Int),
-                Kind::Real => row
-                    .try_get::<Option<f64>, _>(index)?
-                    .map_or(Cell::Null, Cell::Real),
-                Kind::Text => row
-                    .try_get::<Option<String>, _>(index)?
-                    .map_or(Cell::Null, Cell::Text),
+            let value = row.get_ref(index)?;
+            let mismatch = |found: Type| {
+                ProjectionError::from(rusqlite::Error::InvalidColumnType(
+                    index,
+                    format!("{kind:?} column"),
+                    found,
+                ))
+            };
+            Ok(match (kind, value) {
+                (_, ValueRef::Null) => Cell::Null,
+                (Kind::Int, ValueRef::Integer(v)) => Cell::Int(v),
+                (Kind::Real, ValueRef::Real(v)) => Cell::Real(v),
+                (Kind::Real, ValueRef::Integer(v)) => Cell::Real(v as f64),
+                (Kind::Text, ValueRef::Text(bytes)) => Cell::Text(
+                    std::str::from_utf8(bytes)
+                        .map_err(|e| ProjectionError::from(rusqlite::Error::Utf8Error(index, e)))?
+                        .to_string(),
+                ),
+                (_, other) => return Err(mismatch(other.data_type())),
             })
         })
         .collect()

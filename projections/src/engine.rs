@@ -817,7 +817,7 @@ impl ProjectionRunner {
             .map(|s| s.worker.position)
             .min()
         {
-            let page = match prefetched.take() {
+            let (page, domains) = match prefetched.take() {
                 Some((at, handle)) if at == from => handle
                     .await
                     .map_err(|e| ProjectionError::Config(format!("read task failed: {e}")))??,
@@ -832,7 +832,6 @@ impl ProjectionRunner {
                 let limit = self.config.batch_size;
                 prefetched = Some((last, tokio::spawn(read_page(store, last, limit))));
             }
-            let domains: Vec<Domain> = page.iter().map(decode).collect();
             let events: Vec<Event<'_>> = page
                 .iter()
                 .zip(&domains)
@@ -1040,7 +1039,7 @@ impl ProjectionRunner {
         let mut prefetched: Option<(u64, tokio::task::JoinHandle<_>)> = None;
         loop {
             let from = worker.position;
-            let page = match prefetched.take() {
+            let (page, domains) = match prefetched.take() {
                 Some((at, handle)) if at == from => handle
                     .await
                     .map_err(|e| ProjectionError::Config(format!("read task failed: {e}")))??,
@@ -1056,7 +1055,6 @@ impl ProjectionRunner {
                     tokio::spawn(read_page(self.store.clone(), last, limit)),
                 ));
             }
-            let domains: Vec<Domain> = page.iter().map(decode).collect();
             let events: Vec<Event<'_>> = page
                 .iter()
                 .zip(&domains)
@@ -1099,12 +1097,11 @@ impl ProjectionRunner {
         // readers never see the read model go back in time.
         let mut last_recorded: Option<DateTime<Utc>> = None;
         while worker.position < state.position {
-            let page =
+            let (page, domains) =
                 read_page(self.store.clone(), worker.position, self.config.batch_size).await?;
             if page.is_empty() {
                 break;
             }
-            let domains: Vec<Domain> = page.iter().map(decode).collect();
             let events: Vec<Event<'_>> = page
                 .iter()
                 .zip(&domains)
@@ -1327,18 +1324,22 @@ impl ProjectionRunner {
     }
 }
 
-async fn read_page(
-    store: AnyStore,
-    after: u64,
-    limit: usize,
-) -> Result<Vec<EventEnvelope>, ProjectionError> {
-    Ok(store
+/// A page of the log and its decoded domain events.
+type Page = (Vec<EventEnvelope>, Vec<Domain>);
+
+/// Reads and decodes the page after `after`. Catch-up and rebuild run it as a task for
+/// the next page while the current one is applied, so reading and decoding overlap
+/// with applying on a second core.
+async fn read_page(store: AnyStore, after: u64, limit: usize) -> Result<Page, ProjectionError> {
+    let page = store
         .read_all(
             &ReadScope::AllTenants,
             after,
             limit.min(chartline_infra::store::MAX_READ_LIMIT),
         )
-        .await?)
+        .await?;
+    let domains = page.iter().map(decode).collect();
+    Ok((page, domains))
 }
 
 async fn wait_for_commit(wake: &mut Option<tokio::sync::watch::Receiver<u64>>, poll: Duration) {

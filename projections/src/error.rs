@@ -14,6 +14,9 @@ pub enum ProjectionError {
     /// the batch was committed. The engine retries with backoff; callers may retry.
     #[error("read-model database: {0}")]
     Database(#[from] sqlx::Error),
+    /// As `Database`, from the SQLite driver the read models are written with.
+    #[error("read-model database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// The event store failed to deliver events: retry with backoff.
     #[error("event store: {0}")]
     Store(#[from] StoreError),

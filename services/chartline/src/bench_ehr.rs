@@ -38,8 +38,9 @@ use crate::bench_commands::{figure, report};
 
 #[derive(Args)]
 pub struct EhrBenchArgs {
-    /// Encounters queued before the connector starts (catch-up throughput run).
-    #[arg(long, default_value_t = 300)]
+    /// Encounters queued before the connector starts (catch-up throughput run; large
+    /// enough that the run lasts seconds, not the connector's first second).
+    #[arg(long, default_value_t = 1000)]
     encounters: u64,
     /// Encounters driven while the connector runs (latency run).
     #[arg(long, default_value_t = 100)]
