@@ -13,8 +13,9 @@
 //! [`INLINE_READ_LIMIT`] on the blocking pool). sqlx's SQLite driver runs each statement
 //! on a worker thread and hands every row over through a channel: a one-event append was
 //! five thread hand-offs (≈ 2,200 appends/s on this machine class), and `read_all`
-//! copied every column of every row once more. Migrations, stats, tenants and the read
-//! models that live in the store's file keep using the sqlx pool ([`SqliteStore::pool`]).
+//! copied every column of every row once more. Migrations, stats and tenants keep using
+//! the sqlx pool ([`SqliteStore::pool`]); the read models in the store's file have their
+//! own `rusqlite` connections (`chartline-projections`).
 //! Both drivers link the same bundled SQLite and meet only through the database file,
 //! whose WAL and locks serialize them exactly as they serialize separate processes.
 
@@ -310,7 +311,92 @@ fn direct_row_to_envelope(row: &rusqlite::Row<'_>) -> Result<EventEnvelope, Stor
     )
 }
 
+/// Rows per chunk of a big page (see [`direct_events`]); the first chunk is always
+/// decoded on the calling thread, so small reads never involve another thread.
+const DECODE_CHUNK_ROWS: usize = 256;
+
+/// The columns of one event row, copied out of SQLite to be decoded later: the eight
+/// text columns as raw bytes in one buffer (one allocation; UTF-8 is checked when the
+/// row is decoded, on the decoding thread).
+struct RawEventRow {
+    global_position: i64,
+    stream_version: i64,
+    schema_version: i64,
+    /// event_id, stream_id, event_type, data, metadata, recorded_at, prev_hash, hash.
+    bytes: Vec<u8>,
+    ends: [usize; 8],
+}
+
+const RAW_TEXT_COLUMNS: [usize; 8] = [1, 2, 4, 6, 7, 8, 9, 10];
+
+impl RawEventRow {
+    fn copy(row: &rusqlite::Row<'_>) -> Result<RawEventRow, StoreError> {
+        let mut columns = [&[][..]; 8];
+        for (slot, index) in columns.iter_mut().zip(RAW_TEXT_COLUMNS) {
+            *slot = row.get_ref(index)?.as_bytes()?;
+        }
+        let mut bytes = Vec::with_capacity(columns.iter().map(|c| c.len()).sum());
+        let mut ends = [0; 8];
+        for (end, column) in ends.iter_mut().zip(columns) {
+            bytes.extend_from_slice(column);
+            *end = bytes.len();
+        }
+        Ok(RawEventRow {
+            global_position: row.get(0)?,
+            stream_version: row.get(3)?,
+            schema_version: row.get(5)?,
+            bytes,
+            ends,
+        })
+    }
+
+    fn decode(self) -> Result<EventEnvelope, StoreError> {
+        let mut text = [""; 8];
+        let mut start = 0;
+        for (slot, (index, end)) in text
+            .iter_mut()
+            .zip(RAW_TEXT_COLUMNS.into_iter().zip(self.ends))
+        {
+            *slot = std::str::from_utf8(&self.bytes[start..end])
+                .map_err(|e| StoreError::from(rusqlite::Error::Utf8Error(index, e)))?;
+            start = end;
+        }
+        let [
+            event_id,
+            stream_id,
+            event_type,
+            data,
+            metadata,
+            recorded_at,
+            prev_hash,
+            hash,
+        ] = text;
+        envelope_from_columns(
+            self.global_position,
+            event_id,
+            stream_id,
+            self.stream_version,
+            event_type.to_owned(),
+            self.schema_version,
+            data,
+            metadata,
+            recorded_at,
+            prev_hash.to_owned(),
+            hash.to_owned(),
+        )
+    }
+}
+
 /// Runs one of `super::sql`'s event queries on a direct connection.
+///
+/// Decoding a row (`data` and `metadata` into JSON values, ids, timestamps) costs several
+/// times what stepping SQLite does, so a big page (a catch-up, a rebuild, `read_all`
+/// paging) is decoded on two threads: after the first chunk, three of every four chunks
+/// of [`DECODE_CHUNK_ROWS`] rows are copied out and handed to a helper on the blocking
+/// pool, which decodes them while this thread steps on and decodes every fourth chunk
+/// itself (copying a row costs a fraction of decoding it; 3:1 measured best against
+/// 2:1 and 1:1). The chunks are put back together in log order. `read_all` over 1M
+/// events: 335k → 400–534k events/s.
 fn direct_events(
     connection: &rusqlite::Connection,
     sql: &str,
@@ -319,8 +405,76 @@ fn direct_events(
     let mut statement = connection.prepare_cached(sql)?;
     let mut rows = statement.query(params)?;
     let mut events = Vec::new();
-    while let Some(row) = rows.next()? {
-        events.push(direct_row_to_envelope(row)?);
+    while events.len() < DECODE_CHUNK_ROWS {
+        match rows.next()? {
+            Some(row) => events.push(direct_row_to_envelope(row)?),
+            None => return Ok(events),
+        }
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        while let Some(row) = rows.next()? {
+            events.push(direct_row_to_envelope(row)?);
+        }
+        return Ok(events);
+    };
+    let (to_helper, chunks) = std::sync::mpsc::channel::<Vec<RawEventRow>>();
+    let (decoded_tx, decoded) = std::sync::mpsc::channel();
+    runtime.spawn_blocking(move || {
+        for chunk in chunks {
+            let result: Result<Vec<EventEnvelope>, StoreError> =
+                chunk.into_iter().map(RawEventRow::decode).collect();
+            if decoded_tx.send(result).is_err() {
+                break;
+            }
+        }
+    });
+    // In log order: `Some` = decoded here, `None` = the helper's next chunk.
+    let mut pieces: Vec<Option<Vec<EventEnvelope>>> = Vec::new();
+    for index in 0.. {
+        let (len, last) = if index % 4 == 3 {
+            let mut chunk = Vec::with_capacity(DECODE_CHUNK_ROWS);
+            while chunk.len() < DECODE_CHUNK_ROWS {
+                match rows.next()? {
+                    Some(row) => chunk.push(direct_row_to_envelope(row)?),
+                    None => break,
+                }
+            }
+            let len = chunk.len();
+            if len > 0 {
+                pieces.push(Some(chunk));
+            }
+            (len, len < DECODE_CHUNK_ROWS)
+        } else {
+            let mut chunk = Vec::with_capacity(DECODE_CHUNK_ROWS);
+            while chunk.len() < DECODE_CHUNK_ROWS {
+                match rows.next()? {
+                    Some(row) => chunk.push(RawEventRow::copy(row)?),
+                    None => break,
+                }
+            }
+            let len = chunk.len();
+            if len > 0 {
+                to_helper
+                    .send(chunk)
+                    .map_err(|_| StoreError::Unavailable("the decoding task stopped".into()))?;
+                pieces.push(None);
+            }
+            (len, len < DECODE_CHUNK_ROWS)
+        };
+        if len == 0 || last {
+            break;
+        }
+    }
+    drop(to_helper);
+    for piece in pieces {
+        match piece {
+            Some(chunk) => events.extend(chunk),
+            None => events.extend(
+                decoded
+                    .recv()
+                    .map_err(|_| StoreError::Unavailable("the decoding task stopped".into()))??,
+            ),
+        }
     }
     Ok(events)
 }
