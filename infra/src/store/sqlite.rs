@@ -387,6 +387,21 @@ impl RawEventRow {
     }
 }
 
+/// The next up to [`DECODE_CHUNK_ROWS`] rows of a query, each through `take`.
+fn next_chunk<T>(
+    rows: &mut rusqlite::Rows<'_>,
+    take: impl Fn(&rusqlite::Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut chunk = Vec::with_capacity(DECODE_CHUNK_ROWS);
+    while chunk.len() < DECODE_CHUNK_ROWS {
+        match rows.next()? {
+            Some(row) => chunk.push(take(row)?),
+            None => break,
+        }
+    }
+    Ok(chunk)
+}
+
 /// Runs one of `super::sql`'s event queries on a direct connection.
 ///
 /// Decoding a row (`data` and `metadata` into JSON values, ids, timestamps) costs several
@@ -404,12 +419,9 @@ fn direct_events(
 ) -> Result<Vec<EventEnvelope>, StoreError> {
     let mut statement = connection.prepare_cached(sql)?;
     let mut rows = statement.query(params)?;
-    let mut events = Vec::new();
-    while events.len() < DECODE_CHUNK_ROWS {
-        match rows.next()? {
-            Some(row) => events.push(direct_row_to_envelope(row)?),
-            None => return Ok(events),
-        }
+    let mut events = next_chunk(&mut rows, direct_row_to_envelope)?;
+    if events.len() < DECODE_CHUNK_ROWS {
+        return Ok(events);
     }
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         while let Some(row) = rows.next()? {
@@ -430,38 +442,25 @@ fn direct_events(
     });
     // In log order: `Some` = decoded here, `None` = the helper's next chunk.
     let mut pieces: Vec<Option<Vec<EventEnvelope>>> = Vec::new();
+    let stopped = || StoreError::Unavailable("the decoding task stopped".into());
     for index in 0.. {
-        let (len, last) = if index % 4 == 3 {
-            let mut chunk = Vec::with_capacity(DECODE_CHUNK_ROWS);
-            while chunk.len() < DECODE_CHUNK_ROWS {
-                match rows.next()? {
-                    Some(row) => chunk.push(direct_row_to_envelope(row)?),
-                    None => break,
-                }
-            }
-            let len = chunk.len();
-            if len > 0 {
+        let full = if index % 4 == 3 {
+            let chunk = next_chunk(&mut rows, direct_row_to_envelope)?;
+            let full = chunk.len() == DECODE_CHUNK_ROWS;
+            if !chunk.is_empty() {
                 pieces.push(Some(chunk));
             }
-            (len, len < DECODE_CHUNK_ROWS)
+            full
         } else {
-            let mut chunk = Vec::with_capacity(DECODE_CHUNK_ROWS);
-            while chunk.len() < DECODE_CHUNK_ROWS {
-                match rows.next()? {
-                    Some(row) => chunk.push(RawEventRow::copy(row)?),
-                    None => break,
-                }
-            }
-            let len = chunk.len();
-            if len > 0 {
-                to_helper
-                    .send(chunk)
-                    .map_err(|_| StoreError::Unavailable("the decoding task stopped".into()))?;
+            let chunk = next_chunk(&mut rows, RawEventRow::copy)?;
+            let full = chunk.len() == DECODE_CHUNK_ROWS;
+            if !chunk.is_empty() {
+                to_helper.send(chunk).map_err(|_| stopped())?;
                 pieces.push(None);
             }
-            (len, len < DECODE_CHUNK_ROWS)
+            full
         };
-        if len == 0 || last {
+        if !full {
             break;
         }
     }
@@ -469,11 +468,7 @@ fn direct_events(
     for piece in pieces {
         match piece {
             Some(chunk) => events.extend(chunk),
-            None => events.extend(
-                decoded
-                    .recv()
-                    .map_err(|_| StoreError::Unavailable("the decoding task stopped".into()))??,
-            ),
+            None => events.extend(decoded.recv().map_err(|_| stopped())??),
         }
     }
     Ok(events)
