@@ -7,21 +7,23 @@ use std::time::{Duration, Instant};
 
 use chartline_projections::{Cell, ReadDb};
 
-use crate::harness::{Backend, fresh_url};
+use crate::harness::{Backend, Guard, fresh_url};
+
+/// A fresh SQLite read-model database with one table.
+async fn sqlite_with_table(create: &str) -> (ReadDb, Guard) {
+    let (url, guard) = fresh_url(Backend::Sqlite).await;
+    let db = ReadDb::open(&url).await.unwrap();
+    let mut setup = db.begin().await.unwrap();
+    setup.run(create, &[]).await.unwrap();
+    setup.commit().await.unwrap();
+    (db, guard)
+}
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_sqlite_transaction_waits_for_the_write_lock_without_blocking_its_holder() {
-    let (url, _guard) = fresh_url(Backend::Sqlite).await;
-    let db = ReadDb::open(&url).await.unwrap();
-    let mut setup = db.begin().await.unwrap();
-    setup
-        .run(
-            "CREATE TABLE lock_probe (id INTEGER PRIMARY KEY, who TEXT NOT NULL)",
-            &[],
-        )
-        .await
-        .unwrap();
-    setup.commit().await.unwrap();
+    let (db, _guard) =
+        sqlite_with_table("CREATE TABLE lock_probe (id INTEGER PRIMARY KEY, who TEXT NOT NULL)")
+            .await;
 
     let mut holder = db.begin().await.unwrap();
     holder
@@ -82,14 +84,7 @@ async fn a_sqlite_transaction_waits_for_the_write_lock_without_blocking_its_hold
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_dropped_sqlite_transaction_rolls_back_and_frees_the_lock() {
-    let (url, _guard) = fresh_url(Backend::Sqlite).await;
-    let db = ReadDb::open(&url).await.unwrap();
-    let mut setup = db.begin().await.unwrap();
-    setup
-        .run("CREATE TABLE drop_probe (id INTEGER PRIMARY KEY)", &[])
-        .await
-        .unwrap();
-    setup.commit().await.unwrap();
+    let (db, _guard) = sqlite_with_table("CREATE TABLE drop_probe (id INTEGER PRIMARY KEY)").await;
     {
         let mut abandoned = db.begin().await.unwrap();
         abandoned

@@ -328,6 +328,7 @@ impl<S: EventStore> Connector<S> {
             .map_err(|e| e.to_string())?;
         for envelope in tail {
             let event = decode::<EncounterEvent>(&envelope).map_err(|e| e.to_string())?;
+            cache.state.apply(&event);
             cache.history.push(envelope);
             cache.events.push(event);
         }
@@ -371,10 +372,6 @@ impl<S: EventStore> Connector<S> {
         // Our events carry the encounter's latest time (never later), so they cannot
         // push another system's facts into the past; if a newer fact lands meanwhile,
         // re-read it and try again.
-        let mut known_state = Encounter::default();
-        for event in &known.events {
-            known_state.apply(event);
-        }
         for _ in 0..5 {
             reply = execute_from::<Encounter, S>(
                 &self.inner.store,
@@ -382,7 +379,7 @@ impl<S: EventStore> Connector<S> {
                 &make(at),
                 &context,
                 &known.history,
-                known_state.clone(),
+                known.state.clone(),
             )
             .await;
             match &reply {
@@ -869,11 +866,13 @@ impl<S: EventStore> Connector<S> {
     }
 }
 
-/// An encounter stream as far as it was read, envelopes and decoded events.
+/// An encounter stream as far as it was read: envelopes, decoded events, and the
+/// aggregate folded from them (kept up to date by `refresh`, so a command starts from it).
 #[derive(Default)]
 struct Loaded {
     history: Vec<EventEnvelope>,
     events: Vec<EncounterEvent>,
+    state: Encounter,
 }
 
 /// Per (tenant, stream) with a running job task: the artifacts triggered since it last
