@@ -28,6 +28,7 @@ pub mod reconcile;
 pub mod rpm_writeback;
 pub mod sandbox;
 pub mod smart;
+pub mod stream_time;
 
 pub use client::{Auth, EhrEndpoint, FhirClient, RetryPolicy, Secret};
 pub use reactor::{Connector, Job, JobOutcome, Replay};

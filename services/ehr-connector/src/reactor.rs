@@ -45,6 +45,7 @@ use crate::client::{FhirClient, Written};
 use crate::fhir::{
     EncounterRecord, artifact_name, artifacts_made_due, due_artifacts, resources_for,
 };
+use crate::stream_time::at_stream_time;
 
 /// Builds a command for a given `at` (re-built when a newer fact forces a later time).
 type MakeCommand = Box<dyn Fn(DateTime<Utc>) -> EncounterCommand + Send + Sync>;
@@ -344,7 +345,7 @@ impl<S: EventStore> Connector<S> {
         command_id: Uuid,
         correlation_id: Uuid,
         make: impl Fn(DateTime<Utc>) -> EncounterCommand,
-        mut at: DateTime<Utc>,
+        at: DateTime<Utc>,
     ) -> CommandReply {
         // A replay's request is on the account of whoever asked for it.
         let requester = match (&job.replay, make(at)) {
@@ -365,46 +366,30 @@ impl<S: EventStore> Connector<S> {
             correlation_id,
             source: "ehr-connector".into(),
         };
-        let mut reply = CommandReply::Rejected {
-            code: chartline_proto::commands::RejectionCode::Unavailable,
-            message: "not attempted".into(),
-        };
         // Our events carry the encounter's latest time (never later), so they cannot
         // push another system's facts into the past; if a newer fact lands meanwhile,
         // re-read it and try again.
-        for _ in 0..5 {
-            reply = execute_from::<Encounter, S>(
-                &self.inner.store,
-                &job.stream,
-                &make(at),
-                &context,
-                &known.history,
-                known.state.clone(),
-            )
-            .await;
-            match &reply {
-                CommandReply::Rejected { message, .. }
-                    if message.starts_with("time went backwards") =>
-                {
-                    match self.load(&job.tenant, &job.stream).await {
-                        Ok((_, events)) => {
-                            if let Some(last) = events.iter().map(EncounterEvent::at).max() {
-                                at = at.max(last);
-                            }
-                        }
-                        Err(_) => return reply,
-                    }
-                }
-                CommandReply::Rejected {
-                    code:
-                        chartline_proto::commands::RejectionCode::Conflict
-                        | chartline_proto::commands::RejectionCode::Unavailable,
-                    ..
-                } => tokio::time::sleep(Duration::from_millis(50)).await,
-                _ => return reply,
-            }
-        }
-        reply
+        let (make, context) = (&make, &context);
+        at_stream_time(
+            at,
+            5,
+            |at| async move {
+                execute_from::<Encounter, S>(
+                    &self.inner.store,
+                    &job.stream,
+                    &make(at),
+                    context,
+                    &known.history,
+                    known.state.clone(),
+                )
+                .await
+            },
+            || async {
+                let (_, events) = self.load(&job.tenant, &job.stream).await?;
+                Ok::<_, String>(events.iter().map(EncounterEvent::at).max())
+            },
+        )
+        .await
     }
 
     /// Brings one artifact up to date in the EHR and records the outcome.

@@ -39,6 +39,7 @@ use serde_json::Value;
 
 use crate::fhir::{BusinessKey, EncounterRecord, artifact_name, resources_for};
 use crate::reactor::{Connector, write_back_versions};
+use crate::stream_time::at_stream_time;
 
 /// Actor and command-id namespace of the reconciliation job.
 pub const RECONCILER_NAME: &str = "ehr-reconciler";
@@ -482,39 +483,40 @@ impl<S: EventStore> Reconciler<S> {
         };
         // Stream time: the encounter's latest fact (never later, so the drift cannot push
         // another system's facts into the past); re-read when a newer one lands.
-        let mut at = stream_time;
-        for _ in 0..5 {
-            let command = EncounterCommand::DetectEhrDrift {
-                artifact: artifact.clone(),
-                acknowledged_resource_id: acknowledged.to_string(),
-                acknowledged_version: version.to_string(),
-                kind: finding.kind,
-                resource: finding.resource.clone(),
-                expected: finding.expected.clone(),
-                found: finding.found.clone(),
-                detected_at,
-                at,
-            };
-            match execute::<Encounter, S>(&self.store, stream, &command, &context).await {
-                CommandReply::Accepted { event_ids, .. } => return Ok(!event_ids.is_empty()),
-                CommandReply::Rejected { message, .. }
-                    if message.starts_with("time went backwards") =>
-                {
-                    let history = read_whole_stream(&self.store, tenant, stream)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    for envelope in &history {
-                        if let Ok(event) = decode::<EncounterEvent>(envelope) {
-                            at = at.max(event.at());
-                        }
-                    }
-                }
-                CommandReply::Rejected { code, message } => {
-                    return Err(format!("{code:?}: {message}"));
-                }
-            }
+        let context = &context;
+        let reply = at_stream_time(
+            stream_time,
+            5,
+            |at| {
+                let command = EncounterCommand::DetectEhrDrift {
+                    artifact: artifact.clone(),
+                    acknowledged_resource_id: acknowledged.to_string(),
+                    acknowledged_version: version.to_string(),
+                    kind: finding.kind,
+                    resource: finding.resource.clone(),
+                    expected: finding.expected.clone(),
+                    found: finding.found.clone(),
+                    detected_at,
+                    at,
+                };
+                async move { execute::<Encounter, S>(&self.store, stream, &command, context).await }
+            },
+            || async {
+                let history = read_whole_stream(&self.store, tenant, stream).await?;
+                Ok::<_, chartline_infra::StoreError>(
+                    history
+                        .iter()
+                        .filter_map(|envelope| decode::<EncounterEvent>(envelope).ok())
+                        .map(|event| event.at())
+                        .max(),
+                )
+            },
+        )
+        .await;
+        match reply {
+            CommandReply::Accepted { event_ids, .. } => Ok(!event_ids.is_empty()),
+            CommandReply::Rejected { code, message } => Err(format!("{code:?}: {message}")),
         }
-        Err("the encounter kept moving; tried 5 times".into())
     }
 }
 

@@ -16,13 +16,14 @@ use chartline_infra::EventStore;
 use chartline_infra::command::{CommandContext, derived_uuid, execute};
 use chartline_infra::store::read_whole_stream;
 use chartline_proto::codec::decode;
-use chartline_proto::commands::{CommandReply, RejectionCode};
+use chartline_proto::commands::CommandReply;
 use chartline_proto::{Actor, ActorKind, StreamId, TenantId};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::fhir::observations_for;
 use crate::reactor::{Connector, JobOutcome};
+use crate::stream_time::at_stream_time;
 
 /// Builds the outcome command for a given `at` (re-built when a newer fact lands).
 type MakeRpmCommand = Box<dyn Fn(DateTime<Utc>) -> RpmCommand + Send + Sync>;
@@ -187,39 +188,26 @@ impl<S: EventStore> Connector<S> {
             source: "ehr-connector".into(),
         };
         // Stream time: the enrolment's latest fact, never later (as for encounters).
-        let mut at = loaded.state.last_event_at.unwrap_or_else(Utc::now);
-        let mut reply = CommandReply::Rejected {
-            code: RejectionCode::Unavailable,
-            message: "not attempted".into(),
-        };
+        let at = loaded.state.last_event_at.unwrap_or_else(Utc::now);
         // A device that syncs a backlog appends batch after batch: each attempt may lose
         // the race to the next one, so allow more attempts than for encounters.
-        for _ in 0..MAX_TIME_RACES {
-            reply =
-                execute::<RpmEnrollment, S>(&self.inner.store, &job.stream, &make(at), &context)
-                    .await;
-            match &reply {
-                CommandReply::Rejected { message, .. }
-                    if message.starts_with("time went backwards") =>
-                {
-                    match self.load_enrollment(&job.tenant, &job.stream).await {
-                        Ok(newer) => {
-                            at = at.max(newer.state.last_event_at.unwrap_or(at));
-                            tokio::task::yield_now().await;
-                        }
-                        Err(error) => {
-                            tracing::warn!(stream = %job.stream, %error, "re-reading the enrolment failed");
-                            break;
-                        }
-                    }
+        let (make, context) = (&make, &context);
+        let reply = at_stream_time(
+            at,
+            MAX_TIME_RACES,
+            |at| async move {
+                execute::<RpmEnrollment, S>(&self.inner.store, &job.stream, &make(at), context)
+                    .await
+            },
+            || async {
+                let newer = self.load_enrollment(&job.tenant, &job.stream).await;
+                if let Err(error) = &newer {
+                    tracing::warn!(stream = %job.stream, %error, "re-reading the enrolment failed");
                 }
-                CommandReply::Rejected {
-                    code: RejectionCode::Conflict | RejectionCode::Unavailable,
-                    ..
-                } => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-                _ => break,
-            }
-        }
+                newer.map(|newer| newer.state.last_event_at)
+            },
+        )
+        .await;
         match reply {
             CommandReply::Accepted { .. } => outcome,
             CommandReply::Rejected { code, message } => JobOutcome::Error(format!(
