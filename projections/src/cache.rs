@@ -190,6 +190,8 @@ pub struct RowCache<R: Row> {
     capacity: usize,
     /// Generated upsert statements by rows per statement.
     upserts: Vec<(usize, String)>,
+    /// This batch's changed rows as cells, ready to write (see [`RowCache::prepare`]).
+    prepared: Option<Vec<Vec<Cell>>>,
 }
 
 impl<R: Row> Default for RowCache<R> {
@@ -204,6 +206,7 @@ impl<R: Row> Default for RowCache<R> {
             pending_known: Vec::new(),
             capacity: DEFAULT_CACHE_ROWS,
             upserts: Vec::new(),
+            prepared: None,
         }
     }
 }
@@ -219,6 +222,7 @@ impl<R: Row> RowCache<R> {
         self.committed.clear();
         self.dirty.clear();
         self.pending_known.clear();
+        self.prepared = None;
         self.known = empty.then(HashSet::default);
     }
 
@@ -339,18 +343,31 @@ impl<R: Row> RowCache<R> {
         Ok(keys)
     }
 
+    /// Converts this batch's changed rows to cells now, so that [`RowCache::flush`]
+    /// only writes them (the engine prepares before it queues for SQLite's write lock).
+    /// The batch must not change rows between this and the flush, which consumes it.
+    pub fn prepare(&mut self) {
+        if self.prepared.is_none() {
+            self.prepared = Some(self.dirty.values().map(R::to_cells).collect());
+        }
+    }
+
     /// Writes this batch's changed rows.
     pub async fn flush(&mut self, tx: &mut Tx) -> Result<(), ProjectionError> {
         if self.dirty.is_empty() {
             return Ok(());
         }
-        let rows: Vec<Vec<Cell>> = self.dirty.values().map(R::to_cells).collect();
+        let rows = match self.prepared.take() {
+            Some(rows) => rows,
+            None => self.dirty.values().map(R::to_cells).collect(),
+        };
         tx.upsert_rows(R::TABLE, &self.physical, &rows, &mut self.upserts)
             .await
     }
 
     /// The batch committed: its rows become the cached committed state.
     pub fn commit(&mut self) {
+        self.prepared = None;
         if self.committed.len() + self.dirty.len() > self.capacity {
             self.committed.clear();
         }
@@ -366,6 +383,7 @@ impl<R: Row> RowCache<R> {
 
     /// The batch rolled back: forget its changes (the database still has the old rows).
     pub fn rollback(&mut self) {
+        self.prepared = None;
         self.dirty.clear();
         self.pending_known.clear();
     }
@@ -374,6 +392,7 @@ impl<R: Row> RowCache<R> {
 /// What the engine needs from each of a projection's caches, object-safe.
 pub trait CacheControl: Send {
     fn reset(&mut self, backend: Backend, generation: i64, empty: bool);
+    fn prepare(&mut self);
     fn flush<'a>(
         &'a mut self,
         tx: &'a mut Tx,
@@ -386,6 +405,9 @@ pub trait CacheControl: Send {
 impl<R: Row> CacheControl for RowCache<R> {
     fn reset(&mut self, backend: Backend, generation: i64, empty: bool) {
         RowCache::reset(self, backend, generation, empty)
+    }
+    fn prepare(&mut self) {
+        RowCache::prepare(self)
     }
     fn flush<'a>(
         &'a mut self,

@@ -35,7 +35,7 @@ pub const MIGRATIONS_TABLE: &str = "_chartline_projection_migrations";
 /// Largest number of bound values in one statement (SQLite allows 32,766, PostgreSQL 65,535).
 const MAX_BINDS: usize = 30_000;
 
-/// Rows per upsert statement: a batch's rows are written with statements of these few
+/// Rows per SQLite upsert statement: a batch's rows are written with statements of these few
 /// sizes only (largest first), so each table has at most four distinct upsert
 /// statements, prepared once per connection and then reused from the statement cache.
 /// (A statement sized to each batch was parsed, and on PostgreSQL planned, anew for
@@ -289,6 +289,34 @@ impl Backend {
     pub fn upsert(self, spec: &TableSpec, physical: &str, rows: usize) -> String {
         let one = format!("({})", vec!["?"; spec.columns.len()].join(","));
         let values = vec![one.as_str(); rows].join(",");
+        self.placeholders(&format!(
+            "INSERT INTO {physical} ({}) VALUES {values} {}",
+            spec.column_list(),
+            Self::on_conflict(spec)
+        ))
+    }
+
+    /// PostgreSQL's upsert of any number of rows with one array per column:
+    /// `INSERT … SELECT * FROM UNNEST($1::BIGINT[], $2::TEXT[], …) ON CONFLICT …`.
+    /// One short statement, planned once per connection, with as many binds as the
+    /// table has columns: a 256-row `VALUES` list had thousands of binds, each encoded
+    /// by the client and parsed and planned by the server.
+    pub fn upsert_unnest(spec: &TableSpec, physical: &str) -> String {
+        let arrays = spec
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(index, c)| format!("${}::{}[]", index + 1, Backend::Postgres.type_name(c.kind)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "INSERT INTO {physical} ({}) SELECT * FROM UNNEST({arrays}) {}",
+            spec.column_list(),
+            Self::on_conflict(spec)
+        )
+    }
+
+    fn on_conflict(spec: &TableSpec) -> String {
         let updates = spec.columns[spec.key..]
             .iter()
             .map(|c| format!("{0} = excluded.{0}", c.name))
@@ -299,11 +327,7 @@ impl Backend {
         } else {
             format!("DO UPDATE SET {updates}")
         };
-        self.placeholders(&format!(
-            "INSERT INTO {physical} ({}) VALUES {values} ON CONFLICT ({}) {conflict}",
-            spec.column_list(),
-            spec.key_list()
-        ))
+        format!("ON CONFLICT ({}) {conflict}", spec.key_list())
     }
 
     /// Rows per upsert statement so that the bind count stays under the limit.
@@ -361,8 +385,10 @@ pub enum ReadDb {
     Postgres(PgPool),
 }
 
-/// Idle SQLite connections kept for reuse.
-const SQLITE_IDLE: usize = 4;
+/// Idle SQLite connections kept for reuse: one per concurrently applying projection
+/// (each reads through its own connection), with room to spare. A connection dropped
+/// for lack of room loses its prepared statements.
+const SQLITE_IDLE: usize = 12;
 
 /// How long a SQLite transaction waits for the write lock (and a statement for a
 /// transient lock) before it fails with `SQLITE_BUSY`.
@@ -373,6 +399,16 @@ const SQLITE_BUSY_LIMIT: Duration = Duration::from_secs(30);
 pub struct SqliteReadDb {
     path: String,
     idle: Mutex<Vec<rusqlite::Connection>>,
+    /// Write transactions of this process queue here, first come first served, before
+    /// they ask SQLite for the write lock: projections applying in parallel then wait
+    /// in order instead of polling the lock with sleeps. Other processes (and the
+    /// event store's writer on the same file) still meet the asynchronous retry below.
+    write_gate: Arc<tokio::sync::Mutex<()>>,
+    /// The connection write transactions use, kept apart from the readers': a
+    /// connection's page cache is discarded whenever another connection has written
+    /// the file since its last transaction, so the writer keeps a warm cache only if
+    /// it is always the same connection.
+    writer: Mutex<Option<rusqlite::Connection>>,
 }
 
 impl SqliteReadDb {
@@ -399,10 +435,15 @@ impl SqliteReadDb {
         }
     }
 
-    /// Returns a connection that is outside any transaction.
-    fn give(&self, connection: rusqlite::Connection) {
+    /// Returns a connection that is outside any transaction (`writer`: the one write
+    /// transactions use).
+    fn give(&self, connection: rusqlite::Connection, writer: bool) {
         if !connection.is_autocommit() {
             return; // closing it rolls back whatever is open
+        }
+        if writer {
+            *self.writer.lock().expect("writer connection") = Some(connection);
+            return;
         }
         let mut idle = self.idle.lock().expect("idle connections");
         if idle.len() < SQLITE_IDLE {
@@ -412,7 +453,12 @@ impl SqliteReadDb {
 
     /// `BEGIN IMMEDIATE`, waiting for the write lock asynchronously.
     async fn begin(self: &Arc<Self>) -> Result<Tx, ProjectionError> {
-        let connection = self.take()?;
+        let gate = self.write_gate.clone().lock_owned().await;
+        let writer = self.writer.lock().expect("writer connection").take();
+        let connection = match writer {
+            Some(connection) => connection,
+            None => self.connect()?,
+        };
         connection.busy_timeout(Duration::ZERO)?;
         let started = Instant::now();
         let mut pause = Duration::from_micros(500);
@@ -430,6 +476,19 @@ impl SqliteReadDb {
         Ok(Tx::Sqlite(SqliteTx {
             connection: Some(connection),
             db: self.clone(),
+            gate: Some(gate),
+        }))
+    }
+
+    /// A deferred `BEGIN`: its first read fixes a snapshot, and it never takes the
+    /// write lock (writing through it is an error, see [`Tx::execute`]).
+    fn begin_read(self: &Arc<Self>) -> Result<Tx, ProjectionError> {
+        let connection = self.take()?;
+        connection.execute_batch("BEGIN DEFERRED")?;
+        Ok(Tx::Sqlite(SqliteTx {
+            connection: Some(connection),
+            db: self.clone(),
+            gate: None,
         }))
     }
 
@@ -441,7 +500,7 @@ impl SqliteReadDb {
     ) -> Result<Vec<Vec<Cell>>, ProjectionError> {
         let connection = self.take()?;
         let rows = sqlite_fetch(&connection, sql, binds, kinds);
-        self.give(connection);
+        self.give(connection, false);
         rows
     }
 }
@@ -453,15 +512,27 @@ fn is_busy(error: &rusqlite::Error) -> bool {
     )
 }
 
-/// An open SQLite write transaction; dropped unfinished, it rolls back.
+/// An open SQLite transaction; dropped unfinished, it rolls back.
 pub struct SqliteTx {
     connection: Option<rusqlite::Connection>,
     db: Arc<SqliteReadDb>,
+    /// Held by a write transaction until it ends; `None` for a read transaction.
+    gate: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl SqliteTx {
     fn connection(&self) -> &rusqlite::Connection {
         self.connection.as_ref().expect("an open transaction")
+    }
+
+    /// The connection, for a statement that writes.
+    fn writer(&self) -> Result<&rusqlite::Connection, ProjectionError> {
+        if self.gate.is_none() {
+            return Err(ProjectionError::Config(
+                "a write statement in a read-only transaction (see ReadDb::begin_read)".into(),
+            ));
+        }
+        Ok(self.connection())
     }
 
     fn finish(mut self, statement: &str) -> Result<(), ProjectionError> {
@@ -470,7 +541,7 @@ impl SqliteTx {
         if result.is_err() && !connection.is_autocommit() {
             let _ = connection.execute_batch("ROLLBACK");
         }
-        self.db.give(connection);
+        self.db.give(connection, self.gate.is_some());
         Ok(result?)
     }
 }
@@ -480,7 +551,7 @@ impl Drop for SqliteTx {
         if let Some(connection) = self.connection.take()
             && connection.execute_batch("ROLLBACK").is_ok()
         {
-            self.db.give(connection);
+            self.db.give(connection, self.gate.is_some());
         }
     }
 }
@@ -594,6 +665,8 @@ impl ReadDb {
             return Ok(ReadDb::Sqlite(Arc::new(SqliteReadDb {
                 path: path.to_string(),
                 idle: Mutex::new(Vec::new()),
+                write_gate: Arc::new(tokio::sync::Mutex::new(())),
+                writer: Mutex::new(None),
             })));
         } else {
             return Err(ProjectionError::Config(format!(
@@ -622,6 +695,16 @@ impl ReadDb {
     pub async fn begin(&self) -> Result<Tx, ProjectionError> {
         Ok(match self {
             ReadDb::Sqlite(db) => db.begin().await?,
+            ReadDb::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+        })
+    }
+
+    /// Begins a transaction that only reads. On SQLite it runs beside the one writer
+    /// (WAL), so several projections can apply their batches at once and queue only
+    /// to write them; on PostgreSQL it is an ordinary transaction.
+    pub async fn begin_read(&self) -> Result<Tx, ProjectionError> {
+        Ok(match self {
+            ReadDb::Sqlite(db) => db.begin_read()?,
             ReadDb::Postgres(pool) => Tx::Postgres(pool.begin().await?),
         })
     }
@@ -657,7 +740,10 @@ impl ReadDb {
 
     pub async fn close(&self) {
         match self {
-            ReadDb::Sqlite(db) => db.idle.lock().expect("idle connections").clear(),
+            ReadDb::Sqlite(db) => {
+                db.idle.lock().expect("idle connections").clear();
+                db.writer.lock().expect("writer connection").take();
+            }
             ReadDb::Postgres(pool) => pool.close().await,
         }
     }
@@ -695,7 +781,7 @@ impl Tx {
     /// Executes a statement already in the backend's placeholder style.
     pub async fn execute(&mut self, sql: &str, binds: &[Cell]) -> Result<u64, ProjectionError> {
         Ok(match self {
-            Tx::Sqlite(tx) => sqlite_execute(tx.connection(), sql, binds)?,
+            Tx::Sqlite(tx) => sqlite_execute(tx.writer()?, sql, binds)?,
             Tx::Postgres(tx) => bind_pg(sqlx::query(AssertSqlSafe(sql.to_string())), binds)
                 .execute(&mut **tx)
                 .await?
@@ -738,9 +824,10 @@ impl Tx {
         self.fetch(&sql, binds, kinds).await
     }
 
-    /// Upserts rows (each a full row in column order) with statements of a few fixed
-    /// sizes; `statements` caches the generated SQL per size (reset it when `physical`
-    /// changes).
+    /// Upserts rows (each a full row in column order; keys distinct). SQLite: with
+    /// statements of a few fixed sizes. PostgreSQL: with one statement of column
+    /// arrays ([`Backend::upsert_unnest`]). `statements` caches the generated SQL per
+    /// size (reset it when `physical` changes).
     pub async fn upsert_rows(
         &mut self,
         spec: &TableSpec,
@@ -749,31 +836,41 @@ impl Tx {
         statements: &mut Vec<(usize, String)>,
     ) -> Result<(), ProjectionError> {
         let backend = self.backend();
-        let mut offset = 0;
-        for size in Backend::upsert_chunks(spec, rows.len()) {
-            let chunk = &rows[offset..offset + size];
-            offset += size;
-            let sql = match statements.iter().find(|(n, _)| *n == size) {
-                Some((_, sql)) => sql.clone(),
-                None => {
-                    let sql = backend.upsert(spec, physical, size);
-                    statements.push((size, sql.clone()));
-                    sql
+        let mut statement = |size: usize| match statements.iter().find(|(n, _)| *n == size) {
+            Some((_, sql)) => sql.clone(),
+            None => {
+                let sql = match backend {
+                    Backend::Sqlite => backend.upsert(spec, physical, size),
+                    Backend::Postgres => Backend::upsert_unnest(spec, physical),
+                };
+                statements.push((size, sql.clone()));
+                sql
+            }
+        };
+        match self {
+            Tx::Sqlite(tx) => {
+                let mut offset = 0;
+                for size in Backend::upsert_chunks(spec, rows.len()) {
+                    let chunk = &rows[offset..offset + size];
+                    offset += size;
+                    sqlite_execute(tx.writer()?, &statement(size), chunk.iter().flatten())?;
                 }
-            };
-            match self {
-                Tx::Sqlite(tx) => {
-                    sqlite_execute(tx.connection(), &sql, chunk.iter().flatten())?;
+            }
+            Tx::Postgres(tx) => {
+                if rows.is_empty() {
+                    return Ok(());
                 }
-                Tx::Postgres(tx) => {
-                    let mut query = sqlx::query(AssertSqlSafe(sql));
-                    for row in chunk {
-                        for (cell, column) in row.iter().zip(spec.columns) {
-                            query = bind_pg_typed(query, cell, column.kind);
+                let mut query = sqlx::query(AssertSqlSafe(statement(0)));
+                for (index, column) in spec.columns.iter().enumerate() {
+                    let cells = rows.iter().map(|row| &row[index]);
+                    query = bind_pg_array(query, cells, column.kind).map_err(|message| {
+                        ProjectionError::CorruptRow {
+                            table: physical.to_string(),
+                            message: format!("column {}: {message}", column.name),
                         }
-                    }
-                    query.execute(&mut **tx).await?;
+                    })?;
                 }
+                query.execute(&mut **tx).await?;
             }
         }
         Ok(())
@@ -798,16 +895,43 @@ impl Tx {
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
-fn bind_pg_typed<'q>(query: PgQuery<'q>, cell: &'q Cell, kind: Kind) -> PgQuery<'q> {
-    match (cell, kind) {
-        (Cell::Null, Kind::Int) => query.bind(None::<i64>),
-        (Cell::Null, Kind::Real) => query.bind(None::<f64>),
-        (Cell::Null, Kind::Text) => query.bind(None::<String>),
-        (Cell::Int(v), Kind::Real) => query.bind(*v as f64),
-        (Cell::Int(v), _) => query.bind(*v),
-        (Cell::Real(v), _) => query.bind(*v),
-        (Cell::Text(v), _) => query.bind(v.as_str()),
-    }
+/// Binds one column of many rows as a PostgreSQL array of the column's type.
+fn bind_pg_array<'q>(
+    query: PgQuery<'q>,
+    cells: impl Iterator<Item = &'q Cell>,
+    kind: Kind,
+) -> Result<PgQuery<'q>, String> {
+    let mismatch = |cell: &Cell| format!("{cell} is not a {kind:?} value");
+    Ok(match kind {
+        Kind::Int => query.bind(
+            cells
+                .map(|cell| match cell {
+                    Cell::Null => Ok(None),
+                    Cell::Int(v) => Ok(Some(*v)),
+                    other => Err(mismatch(other)),
+                })
+                .collect::<Result<Vec<Option<i64>>, _>>()?,
+        ),
+        Kind::Real => query.bind(
+            cells
+                .map(|cell| match cell {
+                    Cell::Null => Ok(None),
+                    Cell::Int(v) => Ok(Some(*v as f64)),
+                    Cell::Real(v) => Ok(Some(*v)),
+                    other => Err(mismatch(other)),
+                })
+                .collect::<Result<Vec<Option<f64>>, _>>()?,
+        ),
+        Kind::Text => query.bind(
+            cells
+                .map(|cell| match cell {
+                    Cell::Null => Ok(None),
+                    Cell::Text(v) => Ok(Some(v.as_str())),
+                    other => Err(mismatch(other)),
+                })
+                .collect::<Result<Vec<Option<&str>>, _>>()?,
+        ),
+    })
 }
 
 fn bind_pg<'q>(mut query: PgQuery<'q>, binds: &'q [Cell]) -> PgQuery<'q> {

@@ -366,9 +366,17 @@ impl Worker {
         Ok(())
     }
 
-    /// Applies `events` inside `tx` without committing. `Ok(Some((i, error)))`: event
-    /// `i` is poison (the caller rolls back). Rows are flushed on success.
-    async fn attempt(
+    /// Converts every cache's changed rows to cells (see [`crate::cache::RowCache::prepare`]).
+    fn prepare(&mut self) {
+        for cache in self.projection.caches() {
+            cache.prepare();
+        }
+    }
+
+    /// Applies `events` to the caches, reading through `tx`; nothing is written.
+    /// `Ok(Some((i, error)))`: event `i` is poison. On any error the batch's changes
+    /// are dropped.
+    async fn apply_events(
         &mut self,
         tx: &mut Tx,
         events: &[Event<'_>],
@@ -385,6 +393,19 @@ impl Worker {
                     return Err(error);
                 }
             }
+        }
+        Ok(None)
+    }
+
+    /// Applies `events` inside `tx` without committing. `Ok(Some((i, error)))`: event
+    /// `i` is poison (the caller rolls back). Rows are flushed on success.
+    async fn attempt(
+        &mut self,
+        tx: &mut Tx,
+        events: &[Event<'_>],
+    ) -> Result<Option<(usize, ProjectionError)>, ProjectionError> {
+        if let Some(poison) = self.apply_events(tx, events).await? {
+            return Ok(Some(poison));
         }
         if let Err(error) = self.flush(tx).await {
             self.rollback();
@@ -420,15 +441,61 @@ enum Attempted {
     Stopped,
 }
 
-/// One transaction: lock, check, apply, checkpoint, commit. `backlog`: more events
+/// One batch of one projection: apply, then one transaction that locks the state row,
+/// checks it, writes the rows and the checkpoint, and commits. `backlog`: more events
 /// follow this page (a catch-up or a rebuild), so the commit need not wait for the
 /// PostgreSQL WAL flush (see [`Tx::relax_durability`]).
+///
+/// On SQLite, which has one writer, the events are applied (and the rows converted)
+/// before the write transaction, reading through a snapshot of their own
+/// ([`ReadDb::begin_read`]), so projections apply in parallel and queue only to write.
+/// That is safe because every writer of a projection's tables moves its `revision`
+/// (live lane) or is the one rebuild that owns the shadow generation (shadow lane):
+/// if the state row checked under the write lock is the one this worker last
+/// committed, nobody wrote in between, and what the batch read is still current.
 async fn commit_batch(
     db: &ReadDb,
     worker: &mut Worker,
     lane: Lane,
     events: &[Event<'_>],
     backlog: bool,
+) -> Result<Attempted, ProjectionError> {
+    let events: Vec<Event<'_>> = events
+        .iter()
+        .copied()
+        .filter(|e| e.envelope.global_position > worker.position)
+        .collect();
+    let Some(first) = events.first() else {
+        return Ok(Attempted::Committed);
+    };
+    if first.envelope.global_position != worker.position + 1 {
+        return Ok(Attempted::Resync);
+    }
+    let applied_early = db.backend() == Backend::Sqlite;
+    if applied_early {
+        let mut read = db.begin_read().await?;
+        let applied = worker.apply_events(&mut read, &events).await;
+        read.rollback().await?;
+        if let Some((index, error)) = applied? {
+            return Ok(Attempted::Poison(index, error));
+        }
+        worker.prepare();
+    }
+    let result = write_batch(db, worker, lane, &events, backlog, applied_early).await;
+    if !matches!(result, Ok(Attempted::Committed)) {
+        worker.rollback();
+    }
+    result
+}
+
+/// The transaction of [`commit_batch`]; `applied`: the caches already hold the batch.
+async fn write_batch(
+    db: &ReadDb,
+    worker: &mut Worker,
+    lane: Lane,
+    events: &[Event<'_>],
+    backlog: bool,
+    applied: bool,
 ) -> Result<Attempted, ProjectionError> {
     let mut tx = db.begin().await?;
     if backlog {
@@ -460,20 +527,10 @@ async fn commit_batch(
             }
         }
     }
-    let events: Vec<Event<'_>> = events
-        .iter()
-        .copied()
-        .filter(|e| e.envelope.global_position > worker.position)
-        .collect();
-    let Some(last) = events.last().map(|e| e.envelope) else {
-        tx.rollback().await?;
-        return Ok(Attempted::Committed);
-    };
-    if events[0].envelope.global_position != worker.position + 1 {
-        tx.rollback().await?;
-        return Ok(Attempted::Resync);
-    }
-    if let Some((index, error)) = worker.attempt(&mut tx, &events).await? {
+    let last = events.last().expect("a non-empty batch").envelope;
+    if applied {
+        worker.flush(&mut tx).await?;
+    } else if let Some((index, error)) = worker.attempt(&mut tx, events).await? {
         tx.rollback().await?;
         return Ok(Attempted::Poison(index, error));
     }
@@ -817,29 +874,23 @@ impl ProjectionRunner {
             .map(|s| s.worker.position)
             .min()
         {
-            let (page, domains) = match prefetched.take() {
+            let page = match prefetched.take() {
                 Some((at, handle)) if at == from => handle
                     .await
                     .map_err(|e| ProjectionError::Config(format!("read task failed: {e}")))??,
                 _ => read_page(self.store.clone(), from, self.config.batch_size).await?,
             };
-            if page.is_empty() {
+            let Some(last) = page.0.last().map(|e| e.global_position) else {
                 break;
-            }
-            let last = page.last().map_or(from, |e| e.global_position);
-            if page.len() == self.config.batch_size {
+            };
+            let full = page.0.len() == self.config.batch_size;
+            if full {
                 let store = self.store.clone();
                 let limit = self.config.batch_size;
                 prefetched = Some((last, tokio::spawn(read_page(store, last, limit))));
             }
-            let events: Vec<Event<'_>> = page
-                .iter()
-                .zip(&domains)
-                .map(|(envelope, domain)| Event { envelope, domain })
-                .collect();
-            report.events += page.len() as u64;
-            let backlog = page.len() == self.config.batch_size;
-            let result = self.apply_to_all(&events, backlog).await;
+            report.events += page.0.len() as u64;
+            let result = self.apply_to_all(std::sync::Arc::new(page), full).await;
             if let Err(error) = result {
                 self.invalidate();
                 return Err(error);
@@ -853,35 +904,51 @@ impl ProjectionRunner {
         Ok(report)
     }
 
+    /// Applies a page to every running projection, each on its own task, so they use
+    /// every core (on SQLite they apply in parallel and queue only to write, see
+    /// [`commit_batch`]). While a task runs, its slot holds a fresh instance that
+    /// forces a resync, so a panicking task costs a resync, not a wrong read model.
     async fn apply_to_all(
         &mut self,
-        events: &[Event<'_>],
+        page: std::sync::Arc<Page>,
         backlog: bool,
     ) -> Result<(), ProjectionError> {
         let policy = self.config.policy;
-        let db = &self.db;
-        let workers = self
-            .slots
-            .iter_mut()
-            .map(|s| &mut s.worker)
-            .filter(|w| !w.stopped);
-        match db.backend() {
-            // One SQLite writer at a time anyway: apply sequentially.
-            Backend::Sqlite => {
-                for worker in workers {
-                    process_page(db, worker, Lane::Live, events, policy, backlog).await?;
-                }
+        let backend = self.db.backend();
+        let mut tasks = Vec::new();
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            if slot.worker.stopped {
+                continue;
             }
-            Backend::Postgres => {
-                futures::future::try_join_all(
-                    workers.map(|worker| {
-                        process_page(db, worker, Lane::Live, events, policy, backlog)
-                    }),
-                )
-                .await?;
+            let placeholder = Worker::new((slot.factory)(), backend);
+            let mut worker = std::mem::replace(&mut slot.worker, placeholder);
+            let db = self.db.clone();
+            let page = page.clone();
+            let task = tokio::spawn(async move {
+                let events = page_events(&page);
+                let result =
+                    process_page(&db, &mut worker, Lane::Live, &events, policy, backlog).await;
+                (worker, result)
+            });
+            tasks.push((index, task));
+        }
+        let mut outcome = Ok(());
+        for (index, task) in tasks {
+            let result = match task.await {
+                Ok((worker, result)) => {
+                    self.slots[index].worker = worker;
+                    result
+                }
+                Err(error) => Err(ProjectionError::Config(format!(
+                    "projection task {} failed: {error}",
+                    self.slots[index].worker.name
+                ))),
+            };
+            if outcome.is_ok() {
+                outcome = result;
             }
         }
-        Ok(())
+        outcome
     }
 
     /// After an error nothing in memory is trusted: resync from the database.
@@ -1039,27 +1106,23 @@ impl ProjectionRunner {
         let mut prefetched: Option<(u64, tokio::task::JoinHandle<_>)> = None;
         loop {
             let from = worker.position;
-            let (page, domains) = match prefetched.take() {
+            let page = match prefetched.take() {
                 Some((at, handle)) if at == from => handle
                     .await
                     .map_err(|e| ProjectionError::Config(format!("read task failed: {e}")))??,
                 _ => read_page(self.store.clone(), from, limit).await?,
             };
-            if page.is_empty() {
+            if page.0.is_empty() {
                 return Ok(());
             }
-            let last = page.last().map_or(from, |e| e.global_position);
-            if page.len() == limit {
+            let last = page.0.last().map_or(from, |e| e.global_position);
+            if page.0.len() == limit {
                 prefetched = Some((
                     last,
                     tokio::spawn(read_page(self.store.clone(), last, limit)),
                 ));
             }
-            let events: Vec<Event<'_>> = page
-                .iter()
-                .zip(&domains)
-                .map(|(envelope, domain)| Event { envelope, domain })
-                .collect();
+            let events = page_events(&page);
             process_page(&self.db, worker, Lane::Shadow, &events, policy, true).await?;
             if worker.stopped {
                 return Err(ProjectionError::Rejected(format!(
@@ -1097,16 +1160,12 @@ impl ProjectionRunner {
         // readers never see the read model go back in time.
         let mut last_recorded: Option<DateTime<Utc>> = None;
         while worker.position < state.position {
-            let (page, domains) =
+            let page =
                 read_page(self.store.clone(), worker.position, self.config.batch_size).await?;
-            if page.is_empty() {
+            if page.0.is_empty() {
                 break;
             }
-            let events: Vec<Event<'_>> = page
-                .iter()
-                .zip(&domains)
-                .map(|(envelope, domain)| Event { envelope, domain })
-                .collect();
+            let events = page_events(&page);
             for event in &events {
                 match worker.projection.apply(&mut tx, *event).await {
                     Ok(()) => {}
@@ -1127,8 +1186,8 @@ impl ProjectionRunner {
                 }
             }
             worker.flush(&mut tx).await?;
-            worker.position = page.last().map_or(worker.position, |e| e.global_position);
-            last_recorded = page.last().map(|e| e.recorded_at);
+            worker.position = page.0.last().map_or(worker.position, |e| e.global_position);
+            last_recorded = page.0.last().map(|e| e.recorded_at);
         }
         point_views(&mut tx, tables, worker.generation).await?;
         drop_generation(&mut tx, tables, state.generation).await?;
@@ -1326,6 +1385,15 @@ impl ProjectionRunner {
 
 /// A page of the log and its decoded domain events.
 type Page = (Vec<EventEnvelope>, Vec<Domain>);
+
+/// The events of a page, for the handlers.
+fn page_events(page: &Page) -> Vec<Event<'_>> {
+    page.0
+        .iter()
+        .zip(&page.1)
+        .map(|(envelope, domain)| Event { envelope, domain })
+        .collect()
+}
 
 /// Reads and decodes the page after `after`. Catch-up and rebuild run it as a task for
 /// the next page while the current one is applied, so reading and decoding overlap

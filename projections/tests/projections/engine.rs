@@ -187,10 +187,11 @@ chartline_projections::read_model_row! {
 }
 
 /// Counts how often each `marker` event was applied; fails on `{"poison": true}` until
-/// `fixed` is set (a code fix).
+/// `fixed` is set (a code fix). With a [`Gate`], its first apply waits to be released.
 struct Fussy {
     rows: RowCache<MarkRow>,
     fixed: Arc<AtomicBool>,
+    gate: Option<Arc<Gate>>,
 }
 
 impl Projection for Fussy {
@@ -211,6 +212,12 @@ impl Projection for Fussy {
         Box::pin(async move {
             if event.envelope.category() != "marker" {
                 return Ok(());
+            }
+            if let Some(gate) = &self.gate
+                && gate.armed.swap(false, Ordering::SeqCst)
+            {
+                gate.reached.notify_one();
+                gate.release.notified().await;
             }
             if event.envelope.data["poison"] == true && !self.fixed.load(Ordering::SeqCst) {
                 return Err(ProjectionError::handler("poison marker: cannot apply"));
@@ -271,6 +278,7 @@ async fn fussy_runner(
         Box::new(Fussy {
             rows: RowCache::default(),
             fixed: flag.clone(),
+            gate: None,
         })
     });
     let runner =
@@ -444,4 +452,81 @@ async fn replaying_the_same_range_twice_changes_nothing(backend: Backend) {
         .await
         .unwrap();
     assert!(!encounter_rows.is_empty());
+}
+
+/// Pauses a projection's first apply until released: the moment between applying a
+/// batch and committing it.
+struct Gate {
+    armed: AtomicBool,
+    reached: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+/// On SQLite a batch is applied before its write transaction (projections apply in
+/// parallel and queue only to write). Another runner that commits in between must
+/// make the batch resync instead of committing what it read: without the check at
+/// commit, the paused runner would write its batch over the other runner's (counting
+/// those markers twice) and move the checkpoint back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_between_applying_and_writing_a_batch_forces_a_resync() {
+    let (store, db, _guard) = fresh(Backend::Sqlite).await;
+    let stream = StreamId::for_aggregate("marker", Uuid::now_v7());
+    let append = |expected| {
+        let (store, stream) = (store.clone(), stream.clone());
+        async move {
+            let events = (0..3).map(|_| marker(false)).collect();
+            store
+                .append(&tenant(), &stream, expected, events)
+                .await
+                .unwrap();
+        }
+    };
+    let gate = Arc::new(Gate {
+        armed: AtomicBool::new(true),
+        reached: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
+    });
+    let runner = |gate: Option<Arc<Gate>>| {
+        let factory: ProjectionFactory = Arc::new(move || {
+            Box::new(Fussy {
+                rows: RowCache::default(),
+                fixed: Arc::new(AtomicBool::new(true)),
+                gate: gate.clone(),
+            })
+        });
+        ProjectionRunner::with_projections(
+            store.clone(),
+            db.clone(),
+            vec![factory],
+            config(100, DeadLetterPolicy::Stop),
+        )
+    };
+    // The table is not empty when the paused runner starts, so it reads rows from
+    // the database rather than knowing them absent.
+    append(ExpectedVersion::NoStream).await;
+    let mut other = runner(None).await.unwrap();
+    other.catch_up().await.unwrap();
+    let mut paused = runner(Some(gate.clone())).await.unwrap();
+    append(ExpectedVersion::Exact(3)).await;
+    let paused = tokio::spawn(async move {
+        paused.catch_up().await.unwrap();
+        paused
+    });
+    gate.reached.notified().await;
+    other.catch_up().await.unwrap();
+    append(ExpectedVersion::Exact(6)).await;
+    other.catch_up().await.unwrap();
+    gate.release.notify_one();
+    let mut paused = paused.await.unwrap();
+    paused.catch_up().await.unwrap();
+
+    let marks = applied(&db).await;
+    assert_eq!(marks.len(), 9);
+    assert!(
+        marks.iter().all(|(_, n)| *n == 1),
+        "every marker counted once: {marks:?}"
+    );
+    let state = &status(&store, &db).await.unwrap()[0];
+    assert_eq!(state.checkpoint, 9);
+    assert_eq!(state.events_applied, 9);
 }
