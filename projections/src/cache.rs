@@ -169,6 +169,31 @@ type FastBuild = BuildHasherDefault<FastHasher>;
 type HashMap<K, V> = std::collections::HashMap<K, V, FastBuild>;
 type HashSet<K> = std::collections::HashSet<K, FastBuild>;
 
+/// Orders key cells as both databases order their primary keys (integers numerically,
+/// text by bytes, which is SQLite's default collation and PostgreSQL's `C` order; the
+/// order only has to be good, not exact).
+fn key_order(a: &[Cell], b: &[Cell]) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    for (x, y) in a.iter().zip(b) {
+        let order = match (x, y) {
+            (Cell::Int(x), Cell::Int(y)) => x.cmp(y),
+            (Cell::Real(x), Cell::Real(y)) => x.total_cmp(y),
+            (Cell::Text(x), Cell::Text(y)) => x.as_bytes().cmp(y.as_bytes()),
+            (Cell::Null, Cell::Null) => Ordering::Equal,
+            (Cell::Null, _) => Ordering::Less,
+            (_, Cell::Null) => Ordering::Greater,
+            (Cell::Int(_) | Cell::Real(_), Cell::Text(_)) => Ordering::Less,
+            (Cell::Text(_), Cell::Int(_) | Cell::Real(_)) => Ordering::Greater,
+            (Cell::Int(x), Cell::Real(y)) => (*x as f64).total_cmp(y),
+            (Cell::Real(x), Cell::Int(y)) => x.total_cmp(&(*y as f64)),
+        };
+        if order != Ordering::Equal {
+            return order;
+        }
+    }
+    Ordering::Equal
+}
+
 fn key_hash<K: Hash>(key: &K) -> u64 {
     let mut hasher = FastHasher::default();
     key.hash(&mut hasher);
@@ -192,6 +217,8 @@ pub struct RowCache<R: Row> {
     upserts: Vec<(usize, String)>,
     /// This batch's changed rows as cells, ready to write (see [`RowCache::prepare`]).
     prepared: Option<Vec<Vec<Cell>>>,
+    /// Rows written with [`RowCache::put`] in this batch: written, never kept.
+    put: Vec<R>,
 }
 
 impl<R: Row> Default for RowCache<R> {
@@ -207,6 +234,7 @@ impl<R: Row> Default for RowCache<R> {
             capacity: DEFAULT_CACHE_ROWS,
             upserts: Vec::new(),
             prepared: None,
+            put: Vec::new(),
         }
     }
 }
@@ -223,6 +251,7 @@ impl<R: Row> RowCache<R> {
         self.dirty.clear();
         self.pending_known.clear();
         self.prepared = None;
+        self.put.clear();
         self.known = empty.then(HashSet::default);
     }
 
@@ -306,6 +335,23 @@ impl<R: Row> RowCache<R> {
         Ok(self.dirty.get_mut(key).expect("inserted above"))
     }
 
+    /// Writes `row` as it is, replacing any stored row with its key, without reading
+    /// it first and without keeping it in memory afterwards: for rows that are written
+    /// once and never read back by the projection (a reading, a log line), where
+    /// [`RowCache::get_or_insert_with`] would look each new key up in the database
+    /// and then hold it in the cache. The caller makes the write idempotent (the same
+    /// event writes the same row).
+    pub fn put(&mut self, row: R) {
+        let key = row.key();
+        self.dirty.remove(&key);
+        self.committed.remove(&key);
+        if self.known.is_some() {
+            self.pending_known.push(key_hash(&key));
+        }
+        self.prepared = None;
+        self.put.push(row);
+    }
+
     /// Keys of the rows whose `column` equals `value` (a secondary-index lookup that
     /// also sees this batch's changes); `matches` tells whether a row qualifies.
     pub async fn keys_where(
@@ -348,19 +394,35 @@ impl<R: Row> RowCache<R> {
     /// The batch must not change rows between this and the flush, which consumes it.
     pub fn prepare(&mut self) {
         if self.prepared.is_none() {
-            self.prepared = Some(self.dirty.values().map(R::to_cells).collect());
+            let mut rows: Vec<Vec<Cell>> = self
+                .dirty
+                .values()
+                .chain(&self.put)
+                .map(R::to_cells)
+                .collect();
+            // In key order, the database inserts walk the table's B-tree forwards
+            // instead of jumping around it.
+            // One row per key (the last one put), as one upsert statement requires.
+            let key = R::TABLE.key;
+            rows.sort_by(|a, b| key_order(&a[..key], &b[..key]));
+            rows.dedup_by(|later, earlier| {
+                let same = key_order(&later[..key], &earlier[..key]).is_eq();
+                if same {
+                    std::mem::swap(later, earlier);
+                }
+                same
+            });
+            self.prepared = Some(rows);
         }
     }
 
     /// Writes this batch's changed rows.
     pub async fn flush(&mut self, tx: &mut Tx) -> Result<(), ProjectionError> {
-        if self.dirty.is_empty() {
+        if self.dirty.is_empty() && self.put.is_empty() {
             return Ok(());
         }
-        let rows = match self.prepared.take() {
-            Some(rows) => rows,
-            None => self.dirty.values().map(R::to_cells).collect(),
-        };
+        self.prepare();
+        let rows = self.prepared.take().expect("prepared above");
         tx.upsert_rows(R::TABLE, &self.physical, &rows, &mut self.upserts)
             .await
     }
@@ -368,6 +430,7 @@ impl<R: Row> RowCache<R> {
     /// The batch committed: its rows become the cached committed state.
     pub fn commit(&mut self) {
         self.prepared = None;
+        self.put.clear();
         if self.committed.len() + self.dirty.len() > self.capacity {
             self.committed.clear();
         }
@@ -384,6 +447,7 @@ impl<R: Row> RowCache<R> {
     /// The batch rolled back: forget its changes (the database still has the old rows).
     pub fn rollback(&mut self) {
         self.prepared = None;
+        self.put.clear();
         self.dirty.clear();
         self.pending_known.clear();
     }

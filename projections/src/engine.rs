@@ -948,6 +948,7 @@ impl ProjectionRunner {
                 outcome = result;
             }
         }
+        drop_off_the_path(page);
         outcome
     }
 
@@ -1123,7 +1124,10 @@ impl ProjectionRunner {
                 ));
             }
             let events = page_events(&page);
-            process_page(&self.db, worker, Lane::Shadow, &events, policy, true).await?;
+            let result = process_page(&self.db, worker, Lane::Shadow, &events, policy, true).await;
+            drop(events);
+            drop_off_the_path(page);
+            result?;
             if worker.stopped {
                 return Err(ProjectionError::Rejected(format!(
                     "rebuild of {} stopped at a poison event after position {} (policy stop); \
@@ -1385,6 +1389,14 @@ impl ProjectionRunner {
 
 /// A page of the log and its decoded domain events.
 type Page = (Vec<EventEnvelope>, Vec<Domain>);
+
+/// Frees an applied page on the blocking pool. Freeing 10,000 envelopes and their
+/// JSON takes tens of milliseconds, during which the next page could not start: in a
+/// profile of the rebuild both runtime threads sat idle for a quarter of each page
+/// while the engine's own thread freed the previous one.
+fn drop_off_the_path<T: Send + 'static>(page: T) {
+    tokio::task::spawn_blocking(move || drop(page));
+}
 
 /// The events of a page, for the handlers.
 fn page_events(page: &Page) -> Vec<Event<'_>> {

@@ -253,22 +253,21 @@ impl RpmTimeseries {
                 let mut per_day: BTreeMap<NaiveDate, i64> = BTreeMap::new();
                 for (seq, reading) in readings.iter().enumerate() {
                     let date = local_date(reading.effective_at, zone);
-                    let reading_key = (enrollment_id.clone(), batch.clone(), seq as i64);
-                    self.readings
-                        .get_or_insert_with(tx, &reading_key, || RpmReadingRow {
-                            enrollment_id: enrollment_id.clone(),
-                            batch_id: batch.clone(),
-                            seq: seq as i64,
-                            patient_id: patient_id.clone(),
-                            code: reading.code.clone(),
-                            unit: reading.unit.clone(),
-                            value: reading.value,
-                            effective_at: reading.effective_at,
-                            local_date: date,
-                            device_id: reading.device_id.clone(),
-                            last_position: position,
-                        })
-                        .await?;
+                    // Written once (the enrolment's `last_position` makes the event
+                    // apply once) and never read back: no lookup, not cached.
+                    self.readings.put(RpmReadingRow {
+                        enrollment_id: enrollment_id.clone(),
+                        batch_id: batch.clone(),
+                        seq: seq as i64,
+                        patient_id: patient_id.clone(),
+                        code: reading.code.clone(),
+                        unit: reading.unit.clone(),
+                        value: reading.value,
+                        effective_at: reading.effective_at,
+                        local_date: date,
+                        device_id: reading.device_id.clone(),
+                        last_position: position,
+                    });
                     let rollup = rollups
                         .entry((reading.code.as_str(), reading.unit.as_str(), date))
                         .or_insert(Rollup {

@@ -9,21 +9,25 @@ use chartline_projections::{Cell, ReadDb};
 
 use crate::harness::{Backend, Guard, fresh_url};
 
-/// A fresh SQLite read-model database with one table.
-async fn sqlite_with_table(create: &str) -> (ReadDb, Guard) {
+/// A fresh SQLite read-model database with one table, and its URL.
+async fn sqlite_with_table(create: &str) -> (ReadDb, String, Guard) {
     let (url, guard) = fresh_url(Backend::Sqlite).await;
     let db = ReadDb::open(&url).await.unwrap();
     let mut setup = db.begin().await.unwrap();
     setup.run(create, &[]).await.unwrap();
     setup.commit().await.unwrap();
-    (db, guard)
+    (db, url, guard)
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_sqlite_transaction_waits_for_the_write_lock_without_blocking_its_holder() {
-    let (db, _guard) =
+    let (db, url, _guard) =
         sqlite_with_table("CREATE TABLE lock_probe (id INTEGER PRIMARY KEY, who TEXT NOT NULL)")
             .await;
+    // The waiter opens the file on its own, as another process would: write
+    // transactions of one `ReadDb` also queue in process, which would hide SQLite's
+    // lock from this test.
+    let other = ReadDb::open(&url).await.unwrap();
 
     let mut holder = db.begin().await.unwrap();
     holder
@@ -41,7 +45,7 @@ async fn a_sqlite_transaction_waits_for_the_write_lock_without_blocking_its_hold
         started.elapsed()
     };
     let waiter_task = async {
-        let mut waiter = db.begin().await.unwrap();
+        let mut waiter = other.begin().await.unwrap();
         let waited = started.elapsed();
         waiter
             .run(
@@ -84,7 +88,8 @@ async fn a_sqlite_transaction_waits_for_the_write_lock_without_blocking_its_hold
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_dropped_sqlite_transaction_rolls_back_and_frees_the_lock() {
-    let (db, _guard) = sqlite_with_table("CREATE TABLE drop_probe (id INTEGER PRIMARY KEY)").await;
+    let (db, _url, _guard) =
+        sqlite_with_table("CREATE TABLE drop_probe (id INTEGER PRIMARY KEY)").await;
     {
         let mut abandoned = db.begin().await.unwrap();
         abandoned
@@ -101,6 +106,28 @@ async fn a_dropped_sqlite_transaction_rolls_back_and_frees_the_lock() {
     let rows = db
         .fetch(
             "SELECT COUNT(*) FROM drop_probe",
+            &[],
+            &[chartline_projections::db::Kind::Int],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![vec![Cell::Int(0)]]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_read_transaction_refuses_to_write() {
+    let (db, _url, _guard) =
+        sqlite_with_table("CREATE TABLE read_probe (id INTEGER PRIMARY KEY)").await;
+    let mut read = db.begin_read().await.unwrap();
+    let error = read
+        .run("INSERT INTO read_probe (id) VALUES (?)", &[Cell::Int(1)])
+        .await
+        .expect_err("a read transaction must not write");
+    assert!(error.to_string().contains("read-only"), "{error}");
+    read.rollback().await.unwrap();
+    let rows = db
+        .fetch(
+            "SELECT COUNT(*) FROM read_probe",
             &[],
             &[chartline_projections::db::Kind::Int],
         )

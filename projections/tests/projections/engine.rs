@@ -28,6 +28,7 @@ crate::on_both_backends!(
     poison_event_is_skipped_then_retry_applies_it_once,
     undecodable_event_is_dead_lettered_by_every_reader,
     replaying_the_same_range_twice_changes_nothing,
+    rows_put_twice_in_a_batch_keep_the_last,
 );
 
 fn config(batch_size: usize, policy: DeadLetterPolicy) -> RunnerConfig {
@@ -188,10 +189,13 @@ chartline_projections::read_model_row! {
 
 /// Counts how often each `marker` event was applied; fails on `{"poison": true}` until
 /// `fixed` is set (a code fix). With a [`Gate`], its first apply waits to be released.
+/// With `put_by_stream`, it instead writes one row per marker stream with
+/// `RowCache::put`, the stream's last marker (its position) winning.
 struct Fussy {
     rows: RowCache<MarkRow>,
     fixed: Arc<AtomicBool>,
     gate: Option<Arc<Gate>>,
+    put_by_stream: bool,
 }
 
 impl Projection for Fussy {
@@ -211,6 +215,13 @@ impl Projection for Fussy {
     ) -> BoxFuture<'a, Result<(), ProjectionError>> {
         Box::pin(async move {
             if event.envelope.category() != "marker" {
+                return Ok(());
+            }
+            if self.put_by_stream {
+                self.rows.put(MarkRow {
+                    event_id: event.envelope.stream_id.to_string(),
+                    applied: event.envelope.global_position as i64,
+                });
                 return Ok(());
             }
             if let Some(gate) = &self.gate
@@ -279,6 +290,7 @@ async fn fussy_runner(
             rows: RowCache::default(),
             fixed: flag.clone(),
             gate: None,
+            put_by_stream: false,
         })
     });
     let runner =
@@ -492,6 +504,7 @@ async fn a_commit_between_applying_and_writing_a_batch_forces_a_resync() {
                 rows: RowCache::default(),
                 fixed: Arc::new(AtomicBool::new(true)),
                 gate: gate.clone(),
+                put_by_stream: false,
             })
         });
         ProjectionRunner::with_projections(
@@ -529,4 +542,44 @@ async fn a_commit_between_applying_and_writing_a_batch_forces_a_resync() {
     let state = &status(&store, &db).await.unwrap()[0];
     assert_eq!(state.checkpoint, 9);
     assert_eq!(state.events_applied, 9);
+}
+
+/// One upsert may not carry two rows with one key (PostgreSQL refuses it): rows put
+/// twice in a batch are written once, the last one put winning, in one batch or many.
+async fn rows_put_twice_in_a_batch_keep_the_last(backend: Backend) {
+    let (store, db, _guard) = fresh(backend).await;
+    let streams: Vec<StreamId> = (0..2)
+        .map(|_| StreamId::for_aggregate("marker", Uuid::now_v7()))
+        .collect();
+    for stream in &streams {
+        let events = (0..3).map(|_| marker(false)).collect();
+        store
+            .append(&tenant(), stream, ExpectedVersion::NoStream, events)
+            .await
+            .unwrap();
+    }
+    for batch_size in [100, 2] {
+        let factory: ProjectionFactory = Arc::new(|| {
+            Box::new(Fussy {
+                rows: RowCache::default(),
+                fixed: Arc::new(AtomicBool::new(true)),
+                gate: None,
+                put_by_stream: true,
+            })
+        });
+        let mut runner = ProjectionRunner::with_projections(
+            store.clone(),
+            db.clone(),
+            vec![factory],
+            config(batch_size, DeadLetterPolicy::Stop),
+        )
+        .await
+        .unwrap();
+        runner.rebuild("fussy", |_| {}).await.unwrap();
+        let mut marks = applied(&db).await;
+        marks.sort();
+        let mut expected = vec![(streams[0].to_string(), 3), (streams[1].to_string(), 6)];
+        expected.sort();
+        assert_eq!(marks, expected, "batch size {batch_size}");
+    }
 }
