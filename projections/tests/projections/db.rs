@@ -19,6 +19,24 @@ async fn sqlite_with_table(create: &str) -> (ReadDb, String, Guard) {
     (db, url, guard)
 }
 
+async fn count_rows(db: &ReadDb, table: &str) -> i64 {
+    let rows = db
+        .fetch(
+            &format!("SELECT COUNT(*) FROM {table}"),
+            &[],
+            &[chartline_projections::db::Kind::Int],
+        )
+        .await
+        .unwrap();
+    match rows.as_slice() {
+        [row] => match row.as_slice() {
+            [Cell::Int(count)] => *count,
+            other => panic!("unexpected count {other:?}"),
+        },
+        other => panic!("unexpected rows {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_sqlite_transaction_waits_for_the_write_lock_without_blocking_its_holder() {
     let (db, url, _guard) =
@@ -103,15 +121,7 @@ async fn a_dropped_sqlite_transaction_rolls_back_and_frees_the_lock() {
         .expect("the lock was freed")
         .unwrap();
     next.commit().await.unwrap();
-    let rows = db
-        .fetch(
-            "SELECT COUNT(*) FROM drop_probe",
-            &[],
-            &[chartline_projections::db::Kind::Int],
-        )
-        .await
-        .unwrap();
-    assert_eq!(rows, vec![vec![Cell::Int(0)]]);
+    assert_eq!(count_rows(&db, "drop_probe").await, 0);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -125,13 +135,5 @@ async fn a_read_transaction_refuses_to_write() {
         .expect_err("a read transaction must not write");
     assert!(error.to_string().contains("read-only"), "{error}");
     read.rollback().await.unwrap();
-    let rows = db
-        .fetch(
-            "SELECT COUNT(*) FROM read_probe",
-            &[],
-            &[chartline_projections::db::Kind::Int],
-        )
-        .await
-        .unwrap();
-    assert_eq!(rows, vec![vec![Cell::Int(0)]]);
+    assert_eq!(count_rows(&db, "read_probe").await, 0);
 }
