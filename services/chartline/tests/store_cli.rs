@@ -168,6 +168,9 @@ fn kill_mid_batch(store: &str, delay: Duration) {
 fn crash_leaves_whole_batches(store: &str) {
     // Time one uninterrupted run, then spread the kills over 0..1.2× that time so some
     // land before, some during and some after the commit, whatever the machine's speed.
+    // A later run can be slower than the timed one (other tests share the cores): if
+    // no kill has landed after the commit yet, the delays go on growing (× 1.5, up to
+    // 10× the timed run) until one does.
     let started = std::time::Instant::now();
     let full = Command::new(BIN)
         .args([
@@ -187,8 +190,16 @@ fn crash_leaves_whole_batches(store: &str) {
     let mut outcomes = std::collections::BTreeSet::new();
     let mut previous = stats_events(store);
     assert_eq!(previous, 1000);
-    for step in 0..24u32 {
-        kill_mid_batch(store, full_run * 6 * step / (5 * 24));
+    let mut delay = Duration::ZERO;
+    for step in 0u32.. {
+        delay = if step < 24 {
+            full_run * 6 * step / (5 * 24)
+        } else if outcomes.len() < 2 && delay < full_run * 10 {
+            delay * 3 / 2
+        } else {
+            break;
+        };
+        kill_mid_batch(store, delay);
         let events = stats_events(store);
         assert_eq!(
             events % 1000,
