@@ -950,37 +950,38 @@ fn bind_pg_array<'q>(
     cells: impl Iterator<Item = &'q Cell>,
     kind: Kind,
 ) -> Result<PgQuery<'q>, String> {
-    let mismatch = |cell: &Cell| format!("{cell} is not a {kind:?} value");
     Ok(match kind {
-        Kind::Int => query.bind(
-            cells
-                .map(|cell| match cell {
-                    Cell::Null => Ok(None),
-                    Cell::Int(v) => Ok(Some(*v)),
-                    other => Err(mismatch(other)),
-                })
-                .collect::<Result<Vec<Option<i64>>, _>>()?,
-        ),
-        Kind::Real => query.bind(
-            cells
-                .map(|cell| match cell {
-                    Cell::Null => Ok(None),
-                    Cell::Int(v) => Ok(Some(*v as f64)),
-                    Cell::Real(v) => Ok(Some(*v)),
-                    other => Err(mismatch(other)),
-                })
-                .collect::<Result<Vec<Option<f64>>, _>>()?,
-        ),
-        Kind::Text => query.bind(
-            cells
-                .map(|cell| match cell {
-                    Cell::Null => Ok(None),
-                    Cell::Text(v) => Ok(Some(v.as_str())),
-                    other => Err(mismatch(other)),
-                })
-                .collect::<Result<Vec<Option<&str>>, _>>()?,
-        ),
+        Kind::Int => query.bind(column(cells, kind, |cell| match cell {
+            Cell::Int(v) => Some(*v),
+            _ => None,
+        })?),
+        Kind::Real => query.bind(column(cells, kind, |cell| match cell {
+            Cell::Int(v) => Some(*v as f64),
+            Cell::Real(v) => Some(*v),
+            _ => None,
+        })?),
+        Kind::Text => query.bind(column(cells, kind, |cell| match cell {
+            Cell::Text(v) => Some(v.as_str()),
+            _ => None,
+        })?),
     })
+}
+
+/// One column's values (`None` for NULL); `value` gives a non-NULL cell's value, or
+/// `None` when the cell is not of the column's kind.
+fn column<'q, T>(
+    cells: impl Iterator<Item = &'q Cell>,
+    kind: Kind,
+    value: impl Fn(&'q Cell) -> Option<T>,
+) -> Result<Vec<Option<T>>, String> {
+    cells
+        .map(|cell| match cell {
+            Cell::Null => Ok(None),
+            other => value(other)
+                .map(Some)
+                .ok_or_else(|| format!("{other} is not a {kind:?} value")),
+        })
+        .collect()
 }
 
 fn bind_pg<'q>(mut query: PgQuery<'q>, binds: &'q [Cell]) -> PgQuery<'q> {

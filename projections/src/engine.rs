@@ -866,7 +866,7 @@ impl ProjectionRunner {
             self.invalidate();
             return Err(error);
         }
-        let mut prefetched: Option<(u64, tokio::task::JoinHandle<_>)> = None;
+        let mut reader = PageReader::new(self.store.clone(), self.config.batch_size);
         while let Some(from) = self
             .slots
             .iter()
@@ -874,20 +874,9 @@ impl ProjectionRunner {
             .map(|s| s.worker.position)
             .min()
         {
-            let page = match prefetched.take() {
-                Some((at, handle)) if at == from => handle
-                    .await
-                    .map_err(|e| ProjectionError::Config(format!("read task failed: {e}")))??,
-                _ => read_page(self.store.clone(), from, self.config.batch_size).await?,
-            };
-            let Some(last) = page.0.last().map(|e| e.global_position) else {
+            let (page, full) = reader.page_after(from).await?;
+            if page.0.is_empty() {
                 break;
-            };
-            let full = page.0.len() == self.config.batch_size;
-            if full {
-                let store = self.store.clone();
-                let limit = self.config.batch_size;
-                prefetched = Some((last, tokio::spawn(read_page(store, last, limit))));
             }
             report.events += page.0.len() as u64;
             let result = self.apply_to_all(std::sync::Arc::new(page), full).await;
@@ -1102,27 +1091,13 @@ impl ProjectionRunner {
         started: Instant,
     ) -> Result<(), ProjectionError> {
         let policy = self.config.policy;
-        let limit = self.config.batch_size;
         let mut head = self.store.head_position().await?;
-        let mut prefetched: Option<(u64, tokio::task::JoinHandle<_>)> = None;
+        let mut reader = PageReader::new(self.store.clone(), self.config.batch_size);
         loop {
-            let from = worker.position;
-            let page = match prefetched.take() {
-                Some((at, handle)) if at == from => handle
-                    .await
-                    .map_err(|e| ProjectionError::Config(format!("read task failed: {e}")))??,
-                _ => read_page(self.store.clone(), from, limit).await?,
-            };
-            if page.0.is_empty() {
+            let (page, _) = reader.page_after(worker.position).await?;
+            let Some(last) = page.0.last().map(|e| e.global_position) else {
                 return Ok(());
-            }
-            let last = page.0.last().map_or(from, |e| e.global_position);
-            if page.0.len() == limit {
-                prefetched = Some((
-                    last,
-                    tokio::spawn(read_page(self.store.clone(), last, limit)),
-                ));
-            }
+            };
             let events = page_events(&page);
             let result = process_page(&self.db, worker, Lane::Shadow, &events, policy, true).await;
             drop(events);
@@ -1407,9 +1382,42 @@ fn page_events(page: &Page) -> Vec<Event<'_>> {
         .collect()
 }
 
-/// Reads and decodes the page after `after`. Catch-up and rebuild run it as a task for
-/// the next page while the current one is applied, so reading and decoding overlap
-/// with applying on a second core.
+/// Reads the log page by page for catch-up and rebuild: when a page is full, the next
+/// one is read and decoded by a task while the caller applies this one, so reading
+/// and decoding overlap with applying on a second core.
+struct PageReader {
+    store: AnyStore,
+    limit: usize,
+    ahead: Option<(u64, tokio::task::JoinHandle<Result<Page, ProjectionError>>)>,
+}
+
+impl PageReader {
+    fn new(store: AnyStore, limit: usize) -> Self {
+        PageReader {
+            store,
+            limit,
+            ahead: None,
+        }
+    }
+
+    /// The page after position `from` (empty at the head) and whether it was full.
+    async fn page_after(&mut self, from: u64) -> Result<(Page, bool), ProjectionError> {
+        let page = match self.ahead.take() {
+            Some((at, handle)) if at == from => handle
+                .await
+                .map_err(|e| ProjectionError::Config(format!("read task failed: {e}")))??,
+            _ => read_page(self.store.clone(), from, self.limit).await?,
+        };
+        let full = page.0.len() == self.limit;
+        if let Some(last) = page.0.last().map(|e| e.global_position).filter(|_| full) {
+            let next = read_page(self.store.clone(), last, self.limit);
+            self.ahead = Some((last, tokio::spawn(next)));
+        }
+        Ok((page, full))
+    }
+}
+
+/// Reads and decodes the page after `after`.
 async fn read_page(store: AnyStore, after: u64, limit: usize) -> Result<Page, ProjectionError> {
     let page = store
         .read_all(
