@@ -8,6 +8,11 @@
 
 use std::time::Instant;
 
+/// The product binary's allocator (services/chartline/src/main.rs), so this example
+/// measures what `chartline projections bench` measures.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use chartline_infra::{AnyStore, EventStore};
 use chartline_projections::ReadDb;
 use chartline_projections::bench::{append_synthetic, live_lag_benchmark, rebuild_benchmark};

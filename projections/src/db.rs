@@ -321,8 +321,12 @@ impl Backend {
             .map(|c| format!("{} {}", c.name, self.type_name(c.kind)))
             .collect::<Vec<_>>()
             .join(", ");
+        let without_rowid = match self {
+            Backend::Sqlite => " WITHOUT ROWID",
+            Backend::Postgres => "",
+        };
         let mut statements = vec![format!(
-            "CREATE TABLE IF NOT EXISTS {physical} ({columns}, PRIMARY KEY ({}))",
+            "CREATE TABLE IF NOT EXISTS {physical} ({columns}, PRIMARY KEY ({})){without_rowid}",
             spec.key_list()
         )];
         for index in spec.indexes {
