@@ -13,6 +13,6 @@ pub mod relay;
 pub mod store;
 
 pub use store::{
-    AnyStore, AppendResult, Direction, EventStore, ExpectedVersion, ReadScope, StoreError,
-    StoreStats, VerifyReport,
+    AnyStore, AppendResult, Direction, EventStore, ExpectedVersion, RawEvent, ReadScope,
+    StoreError, StoreStats, VerifyReport,
 };

@@ -34,7 +34,7 @@ use uuid::Uuid;
 use crate::cache::CacheControl;
 use crate::db::{Backend, Cell, Kind, ReadDb, TableSpec, Tx, format_time};
 use crate::error::ProjectionError;
-use crate::event::{Domain, Event, decode};
+use crate::event::{Domain, Event, decode, decode_raw};
 
 /// A read model fed by the global log.
 pub trait Projection: Send {
@@ -460,11 +460,9 @@ async fn commit_batch(
     events: &[Event<'_>],
     backlog: bool,
 ) -> Result<Attempted, ProjectionError> {
-    let events: Vec<Event<'_>> = events
-        .iter()
-        .copied()
-        .filter(|e| e.envelope.global_position > worker.position)
-        .collect();
+    // Pages are in log order: skip what this worker already applied, without a copy.
+    let events =
+        &events[events.partition_point(|e| e.envelope.global_position <= worker.position)..];
     let Some(first) = events.first() else {
         return Ok(Attempted::Committed);
     };
@@ -1417,17 +1415,24 @@ impl PageReader {
     }
 }
 
-/// Reads and decodes the page after `after`.
+/// Reads and decodes the page after `after` (payloads straight from their stored text,
+/// see [`decode_raw`]).
 async fn read_page(store: AnyStore, after: u64, limit: usize) -> Result<Page, ProjectionError> {
     let page = store
-        .read_all(
+        .read_all_raw(
             &ReadScope::AllTenants,
             after,
             limit.min(chartline_infra::store::MAX_READ_LIMIT),
         )
         .await?;
-    let domains = page.iter().map(decode).collect();
-    Ok((page, domains))
+    let mut envelopes = Vec::with_capacity(page.len());
+    let mut domains = Vec::with_capacity(page.len());
+    for raw in page {
+        let (envelope, domain) = decode_raw(raw)?;
+        envelopes.push(envelope);
+        domains.push(domain);
+    }
+    Ok((envelopes, domains))
 }
 
 async fn wait_for_commit(wake: &mut Option<tokio::sync::watch::Receiver<u64>>, poll: Duration) {

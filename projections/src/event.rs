@@ -4,6 +4,7 @@
 use chartline_domain::encounter::EncounterEvent;
 use chartline_domain::patient::PatientEvent;
 use chartline_domain::rpm::RpmEvent;
+use chartline_infra::{RawEvent, StoreError};
 use chartline_proto::EventEnvelope;
 use chartline_proto::codec::{DomainEvent, current_schema_version};
 use serde::de::value::MapDeserializer;
@@ -90,6 +91,55 @@ pub fn decode(envelope: &EventEnvelope) -> Domain {
     })
 }
 
+/// [`decode`] for an event read with `read_all_raw`, whose payload is still the stored
+/// JSON text: the domain event is deserialized straight from the text, with no
+/// `serde_json::Value` built and freed in between. For a category a read model decodes
+/// (encounter, patient, rpm) the envelope's `data` stays `Null`: handlers read the typed
+/// event. Any other category gets its `data` parsed, so a projection of its own still
+/// sees the payload. A payload that is not JSON is a store error, as in `read_all`.
+pub fn decode_raw(raw: RawEvent) -> Result<(EventEnvelope, Domain), ProjectionError> {
+    let RawEvent { mut envelope, data } = raw;
+    let result = match envelope.category() {
+        "encounter" => decode_text::<EncounterEvent>(&envelope, &data).map(Domain::Encounter),
+        "patient" => decode_text::<PatientEvent>(&envelope, &data).map(Domain::Patient),
+        "rpm" => decode_text::<RpmEvent>(&envelope, &data).map(Domain::Rpm),
+        _ => {
+            envelope.data = serde_json::from_str(&data).map_err(|error| {
+                StoreError::Corrupt(format!(
+                    "event at position {}: data: {error}",
+                    envelope.global_position
+                ))
+            })?;
+            return Ok((envelope, Domain::Other));
+        }
+    };
+    let domain = result.unwrap_or_else(|error| {
+        Domain::Undecodable(format!(
+            "{} v{} does not decode: {error}",
+            envelope.event_type, envelope.schema_version
+        ))
+    });
+    Ok((envelope, domain))
+}
+
+fn decode_text<E: DomainEvent>(envelope: &EventEnvelope, data: &str) -> Result<E, String> {
+    if envelope.schema_version != current_schema_version(E::CATEGORY, &envelope.event_type) {
+        let mut parsed = envelope.clone();
+        parsed.data = serde_json::from_str(data).map_err(|e| e.to_string())?;
+        return decode_as::<E>(&parsed);
+    }
+    // The domain enums are adjacently tagged ({"type": …, "data": …}); with the tag
+    // first, serde reads the payload in one streaming pass.
+    let tag = serde_json::to_string(&envelope.event_type).map_err(|e| e.to_string())?;
+    let mut text = String::with_capacity(tag.len() + data.len() + 18);
+    text.push_str("{\"type\":");
+    text.push_str(&tag);
+    text.push_str(",\"data\":");
+    text.push_str(data);
+    text.push('}');
+    serde_json::from_str(&text).map_err(|e| e.to_string())
+}
+
 fn decode_as<E: DomainEvent>(envelope: &EventEnvelope) -> Result<E, String> {
     if envelope.schema_version != current_schema_version(E::CATEGORY, &envelope.event_type) {
         return chartline_proto::codec::decode::<E>(envelope).map_err(|e| e.to_string());
@@ -142,6 +192,69 @@ mod tests {
         let encoded = encode(&event);
         let decoded = decode(&envelope(encoded.event_type, encoded.data));
         assert!(matches!(decoded, Domain::Encounter(e) if e == event));
+    }
+
+    fn raw(event_type: &str, data: Value) -> RawEvent {
+        RawEvent::from_envelope(envelope(event_type, data))
+    }
+
+    #[test]
+    fn the_raw_path_decodes_what_the_value_path_decodes() {
+        let at = Utc.with_ymd_and_hms(2026, 1, 5, 10, 0, 0).unwrap();
+        let event = EncounterEvent::CheckedIn(CheckedIn { at });
+        let encoded = encode(&event);
+        let (header, decoded) = decode_raw(raw(encoded.event_type, encoded.data)).unwrap();
+        assert!(matches!(decoded, Domain::Encounter(e) if e == event));
+        assert_eq!(header.event_type, "CheckedIn");
+        // The same verdicts as the value path on payloads that do not decode.
+        for (event_type, data) in [
+            ("CheckedIn", serde_json::json!({"at": 5})),
+            ("NoSuchEvent", serde_json::json!({})),
+            ("CheckedIn", serde_json::json!([1, 2])),
+        ] {
+            let by_value = decode(&envelope(event_type, data.clone()));
+            let (_, by_text) = decode_raw(raw(event_type, data)).unwrap();
+            assert!(matches!(by_value, Domain::Undecodable(_)), "{by_value:?}");
+            assert!(matches!(by_text, Domain::Undecodable(_)), "{by_text:?}");
+        }
+    }
+
+    #[test]
+    fn the_raw_path_upcasts_an_old_schema_through_the_codec() {
+        let mut old = raw(
+            "NoteDrafted",
+            serde_json::json!({
+                "author": {"kind": "clinician", "practitioner_id": "dr-1"},
+                "note_type": "consult_note",
+                "body": "S: cough for three days. A: viral URI.",
+                "at": "2026-01-05T10:00:00Z",
+            }),
+        );
+        old.envelope.schema_version = 1;
+        let by_value = decode(&{
+            let mut envelope = old.envelope.clone();
+            envelope.data = serde_json::from_str(&old.data).unwrap();
+            envelope
+        });
+        let (_, by_text) = decode_raw(old).unwrap();
+        let (Domain::Encounter(a), Domain::Encounter(b)) = (&by_value, &by_text) else {
+            panic!("both decode: {by_value:?} / {by_text:?}");
+        };
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn other_categories_keep_their_payload_and_bad_json_is_a_store_error() {
+        let mut marker = raw("Marked", serde_json::json!({"poison": true}));
+        marker.envelope.stream_id = StreamId::for_aggregate("marker", Uuid::now_v7());
+        let (header, domain) = decode_raw(marker.clone()).unwrap();
+        assert!(matches!(domain, Domain::Other));
+        assert_eq!(header.data["poison"], true);
+        marker.data = "{not json".into();
+        assert!(matches!(
+            decode_raw(marker),
+            Err(ProjectionError::Store(StoreError::Corrupt(_)))
+        ));
     }
 
     #[test]

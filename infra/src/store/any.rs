@@ -11,8 +11,8 @@ use super::nats::NatsEventStore;
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::{
-    AppendResult, Direction, EventStore, ExpectedVersion, ReadScope, StoreError, StoreStats,
-    VerifyReport,
+    AppendResult, Direction, EventStore, ExpectedVersion, RawEvent, ReadScope, StoreError,
+    StoreStats, VerifyReport,
 };
 
 /// Default embedded store location.
@@ -97,6 +97,15 @@ impl EventStore for AnyStore {
         limit: usize,
     ) -> Result<Vec<EventEnvelope>, StoreError> {
         delegate!(self, s => s.read_all(scope, after_position, limit))
+    }
+
+    async fn read_all_raw(
+        &self,
+        scope: &ReadScope,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<RawEvent>, StoreError> {
+        delegate!(self, s => s.read_all_raw(scope, after_position, limit))
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {

@@ -20,12 +20,13 @@ use sqlx::{PgPool, Row, SqlSafeStr};
 use uuid::Uuid;
 
 use super::writer::{
-    AppendRequest, BatchCommitter, Loaded, Plan, Speculation, StoredEvent, StreamRow, WriteCache,
-    Writer, envelope_from_columns, is_stale_speculation, keys, plan_loaded,
+    AppendRequest, BatchCommitter, FromEventRow, Loaded, Plan, Speculation, StoredEvent, StreamRow,
+    WriteCache, Writer, envelope_from_columns, is_stale_speculation, keys, plan_loaded,
 };
 use super::{
     AppendResult, DEFAULT_MAX_EVENT_BYTES, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT,
-    ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, validate_append, verify_grouped,
+    RawEvent, ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, upcast_raw_page,
+    validate_append, verify_grouped,
 };
 
 /// Advisory lock key of the event store's single active writer ("chartlin" in ASCII).
@@ -113,7 +114,37 @@ impl PostgresStore {
     }
 }
 
-fn row_to_envelope(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, StoreError> {
+impl PostgresStore {
+    /// The global log after `after_position`, as stored (not upcast).
+    async fn read_log<T: FromEventRow>(
+        &self,
+        scope: &ReadScope,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<T>, StoreError> {
+        let limit = limit.min(MAX_READ_LIMIT) as i64;
+        let rows = match scope {
+            ReadScope::AllTenants => {
+                sqlx::query(super::sql::READ_ALL)
+                    .bind(after_position as i64)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            ReadScope::Tenant(tenant) => {
+                sqlx::query(super::sql::READ_ALL_OF_TENANT)
+                    .bind(tenant.as_str())
+                    .bind(after_position as i64)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(row_to_envelope).collect()
+    }
+}
+
+fn row_to_envelope<T: FromEventRow>(row: &sqlx::postgres::PgRow) -> Result<T, StoreError> {
     // By index, in super::sql's column order (read_all decodes millions of rows; a
     // column-name lookup per column per row is wasted work).
     envelope_from_columns(
@@ -378,25 +409,16 @@ impl EventStore for PostgresStore {
         after_position: u64,
         limit: usize,
     ) -> Result<Vec<EventEnvelope>, StoreError> {
-        let limit = limit.min(MAX_READ_LIMIT) as i64;
-        let rows = match scope {
-            ReadScope::AllTenants => {
-                sqlx::query(super::sql::READ_ALL)
-                    .bind(after_position as i64)
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            ReadScope::Tenant(tenant) => {
-                sqlx::query(super::sql::READ_ALL_OF_TENANT)
-                    .bind(tenant.as_str())
-                    .bind(after_position as i64)
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        };
-        upcast_page(rows.iter().map(row_to_envelope).collect::<Result<_, _>>()?)
+        upcast_page(self.read_log(scope, after_position, limit).await?)
+    }
+
+    async fn read_all_raw(
+        &self,
+        scope: &ReadScope,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<RawEvent>, StoreError> {
+        upcast_raw_page(self.read_log(scope, after_position, limit).await?)
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use super::{AppendResult, ExpectedVersion, StoreError};
+use super::{AppendResult, ExpectedVersion, RawEvent, StoreError};
 
 pub(crate) struct AppendRequest {
     pub tenant: TenantId,
@@ -638,9 +638,40 @@ impl Writer {
     }
 }
 
-/// Builds an envelope from a stored row's columns.
+/// What a read builds from a stored row: an [`EventEnvelope`] with its payload parsed,
+/// or a [`RawEvent`] that keeps the payload as its stored text.
+pub(crate) trait FromEventRow: Sized + Send + 'static {
+    /// The payload as this read keeps it, made from the stored text.
+    type Payload;
+    fn payload(data: &str) -> Result<Self::Payload, serde_json::Error>;
+    /// `envelope.data` is `Null` here.
+    fn assemble(envelope: EventEnvelope, payload: Self::Payload) -> Self;
+}
+
+impl FromEventRow for EventEnvelope {
+    type Payload = serde_json::Value;
+    fn payload(data: &str) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_str(data)
+    }
+    fn assemble(mut envelope: EventEnvelope, payload: serde_json::Value) -> Self {
+        envelope.data = payload;
+        envelope
+    }
+}
+
+impl FromEventRow for RawEvent {
+    type Payload = String;
+    fn payload(data: &str) -> Result<String, serde_json::Error> {
+        Ok(data.to_owned())
+    }
+    fn assemble(envelope: EventEnvelope, data: String) -> Self {
+        RawEvent { envelope, data }
+    }
+}
+
+/// Builds an envelope (or a [`RawEvent`]) from a stored row's columns.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn envelope_from_columns(
+pub(crate) fn envelope_from_columns<T: FromEventRow>(
     global_position: i64,
     event_id: &str,
     stream_id: &str,
@@ -652,25 +683,27 @@ pub(crate) fn envelope_from_columns(
     recorded_at: &str,
     prev_hash: String,
     hash: String,
-) -> Result<EventEnvelope, StoreError> {
+) -> Result<T, StoreError> {
     let corrupt = |what: &str, e: &dyn std::fmt::Display| {
         StoreError::Corrupt(format!("event at position {global_position}: {what}: {e}"))
     };
-    Ok(EventEnvelope {
+    let payload = T::payload(data).map_err(|e| corrupt("data", &e))?;
+    let envelope = EventEnvelope {
         event_id: Uuid::parse_str(event_id).map_err(|e| corrupt("event_id", &e))?,
         stream_id: StreamId::parse(stream_id).map_err(|e| corrupt("stream_id", &e))?,
         stream_version: stream_version as u64,
         global_position: global_position as u64,
         event_type,
         schema_version: schema_version as u32,
-        data: serde_json::from_str(data).map_err(|e| corrupt("data", &e))?,
+        data: serde_json::Value::Null,
         metadata: serde_json::from_str(metadata).map_err(|e| corrupt("metadata", &e))?,
         recorded_at: DateTime::parse_from_rfc3339(recorded_at)
             .map_err(|e| corrupt("recorded_at", &e))?
             .with_timezone(&Utc),
         prev_hash,
         hash,
-    })
+    };
+    Ok(T::assemble(envelope, payload))
 }
 
 #[cfg(test)]

@@ -553,6 +553,18 @@ pub async fn old_schema_versions_are_upcast_on_read_but_verify_on_stored_bytes<S
         read[0].data["sections"]["assessment"],
         "synthetic assessment"
     );
+    // A raw read (the projection engine's) is upcast too, its payload text the same value.
+    let position = read[0].global_position;
+    let raw = store
+        .read_all_raw(&ReadScope::AllTenants, position - 1, 1)
+        .await
+        .unwrap();
+    assert_eq!(raw[0].envelope.event_id, read[0].event_id);
+    assert_eq!(raw[0].envelope.schema_version, 2);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&raw[0].data).unwrap(),
+        read[0].data
+    );
     let decoded: chartline_domain::encounter::EncounterEvent =
         chartline_proto::codec::decode(&read[0]).unwrap();
     assert!(matches!(
@@ -636,6 +648,25 @@ pub async fn big_read_all_pages_equal_small_pages_in_log_order<S: EventStore>(st
     for page in [total, 1_337, 5_000] {
         let big = read(ReadScope::AllTenants, page).await;
         assert_eq!(summary(&big), summary(&small), "pages of {page}");
+    }
+    // Raw reads (payload as text) deliver the same events in the same order.
+    for page in [total, 1_337] {
+        let mut raw = Vec::new();
+        let mut after = 0;
+        loop {
+            let batch = store
+                .read_all_raw(&ReadScope::AllTenants, after, page)
+                .await
+                .unwrap();
+            let Some(last) = batch.last() else { break };
+            after = last.envelope.global_position;
+            raw.extend(batch.into_iter().map(|r| {
+                let mut envelope = r.envelope;
+                envelope.data = serde_json::from_str(&r.data).unwrap();
+                envelope
+            }));
+        }
+        assert_eq!(raw, small, "raw pages of {page}");
     }
     let only_a: Vec<_> = small
         .iter()
