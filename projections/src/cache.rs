@@ -14,7 +14,6 @@
 //!   also remembers every key it ever wrote (as 64-bit hashes): a key never written is
 //!   known absent without a query. This is what makes a rebuild fast.
 
-use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use crate::db::{Backend, Cell, TableSpec, Tx};
@@ -166,7 +165,6 @@ impl Hasher for FastHasher {
 }
 
 type FastBuild = BuildHasherDefault<FastHasher>;
-type HashMap<K, V> = std::collections::HashMap<K, V, FastBuild>;
 type HashSet<K> = std::collections::HashSet<K, FastBuild>;
 
 /// Orders key cells as both databases order their primary keys (integers numerically,
@@ -200,15 +198,54 @@ fn key_hash<K: Hash>(key: &K) -> u64 {
     hasher.finish()
 }
 
+/// A cached row under its key and the key's hash (computed once per access: the keys
+/// are tuples of strings, and hashing them again for every probe of every map cost more
+/// than the probes).
+struct Slot<K, V> {
+    hash: u64,
+    key: K,
+    value: V,
+}
+
+type Slots<K, V> = hashbrown::HashTable<Slot<K, V>>;
+
+fn find<'a, K: Eq, V>(slots: &'a Slots<K, V>, hash: u64, key: &K) -> Option<&'a V> {
+    slots.find(hash, |s| s.key == *key).map(|s| &s.value)
+}
+
+fn find_mut<'a, K: Eq, V>(slots: &'a mut Slots<K, V>, hash: u64, key: &K) -> Option<&'a mut V> {
+    slots
+        .find_mut(hash, |s| s.key == *key)
+        .map(|s| &mut s.value)
+}
+
+fn take<K: Eq, V>(slots: &mut Slots<K, V>, hash: u64, key: &K) -> Option<V> {
+    slots
+        .find_entry(hash, |s| s.key == *key)
+        .ok()
+        .map(|entry| entry.remove().0.value)
+}
+
+/// Adds a key that is not in `slots` (the caller checked).
+fn add<K, V>(slots: &mut Slots<K, V>, hash: u64, key: K, value: V) -> &mut V {
+    &mut slots
+        .insert_unique(hash, Slot { hash, key, value }, |s| s.hash)
+        .into_mut()
+        .value
+}
+
 /// The rows of one table as seen by one projection instance. See the module docs.
+///
+/// A key is in at most one of `committed` and `dirty`: a row moves to `dirty` when it
+/// is changed and back to `committed` when the batch commits.
 pub struct RowCache<R: Row> {
     physical: String,
     backend: Backend,
     select_sql: String,
     /// Committed rows (`None`: known absent).
-    committed: HashMap<R::Key, Option<R>>,
+    committed: Slots<R::Key, Option<R>>,
     /// Rows changed in the current batch.
-    dirty: HashMap<R::Key, R>,
+    dirty: Slots<R::Key, R>,
     /// Hashes of every key that exists, when this instance owns the table since empty.
     known: Option<HashSet<u64>>,
     pending_known: Vec<u64>,
@@ -227,8 +264,8 @@ impl<R: Row> Default for RowCache<R> {
             physical: String::new(),
             backend: Backend::Sqlite,
             select_sql: String::new(),
-            committed: HashMap::default(),
-            dirty: HashMap::default(),
+            committed: Slots::new(),
+            dirty: Slots::new(),
             known: None,
             pending_known: Vec::new(),
             capacity: DEFAULT_CACHE_ROWS,
@@ -255,14 +292,15 @@ impl<R: Row> RowCache<R> {
         self.known = empty.then(HashSet::default);
     }
 
-    async fn load(&mut self, tx: &mut Tx, key: &R::Key) -> Result<(), ProjectionError> {
-        if self.dirty.contains_key(key) || self.committed.contains_key(key) {
+    /// Makes sure `key` (whose hash is `hash`) is in `dirty` or `committed`.
+    async fn load(&mut self, tx: &mut Tx, key: &R::Key, hash: u64) -> Result<(), ProjectionError> {
+        if find(&self.dirty, hash, key).is_some() || find(&self.committed, hash, key).is_some() {
             return Ok(());
         }
         if let Some(known) = &self.known
-            && !known.contains(&key_hash(key))
+            && !known.contains(&hash)
         {
-            self.committed.insert(key.clone(), None);
+            add(&mut self.committed, hash, key.clone(), None);
             return Ok(());
         }
         let rows = tx
@@ -279,17 +317,18 @@ impl<R: Row> RowCache<R> {
             }
             None => None,
         };
-        self.committed.insert(key.clone(), row);
+        add(&mut self.committed, hash, key.clone(), row);
         Ok(())
     }
 
     /// The current row for `key` (this batch's change if any), read-only.
     pub async fn get(&mut self, tx: &mut Tx, key: &R::Key) -> Result<Option<&R>, ProjectionError> {
-        self.load(tx, key).await?;
-        if let Some(row) = self.dirty.get(key) {
+        let hash = key_hash(key);
+        self.load(tx, key, hash).await?;
+        if let Some(row) = find(&self.dirty, hash, key) {
             return Ok(Some(row));
         }
-        Ok(self.committed.get(key).and_then(Option::as_ref))
+        Ok(find(&self.committed, hash, key).and_then(Option::as_ref))
     }
 
     /// The row for `key`, to change (it is written back at the end of the batch).
@@ -298,20 +337,21 @@ impl<R: Row> RowCache<R> {
         tx: &mut Tx,
         key: &R::Key,
     ) -> Result<Option<&mut R>, ProjectionError> {
-        self.load(tx, key).await?;
-        if !self.dirty.contains_key(key) {
-            match self.committed.remove(key) {
+        let hash = key_hash(key);
+        self.load(tx, key, hash).await?;
+        if find(&self.dirty, hash, key).is_none() {
+            match take(&mut self.committed, hash, key) {
                 Some(Some(row)) => {
-                    self.dirty.insert(key.clone(), row);
+                    add(&mut self.dirty, hash, key.clone(), row);
                 }
                 Some(None) => {
-                    self.committed.insert(key.clone(), None);
+                    add(&mut self.committed, hash, key.clone(), None);
                     return Ok(None);
                 }
                 None => return Ok(None),
             }
         }
-        Ok(self.dirty.get_mut(key))
+        Ok(find_mut(&mut self.dirty, hash, key))
     }
 
     /// The row for `key` to change, created by `make` when absent.
@@ -321,18 +361,19 @@ impl<R: Row> RowCache<R> {
         key: &R::Key,
         make: impl FnOnce() -> R,
     ) -> Result<&mut R, ProjectionError> {
-        self.load(tx, key).await?;
-        if !self.dirty.contains_key(key) {
-            let row = match self.committed.remove(key) {
+        let hash = key_hash(key);
+        self.load(tx, key, hash).await?;
+        if find(&self.dirty, hash, key).is_none() {
+            let row = match take(&mut self.committed, hash, key) {
                 Some(Some(row)) => row,
                 _ => {
-                    self.pending_known.push(key_hash(key));
+                    self.pending_known.push(hash);
                     make()
                 }
             };
-            self.dirty.insert(key.clone(), row);
+            return Ok(add(&mut self.dirty, hash, key.clone(), row));
         }
-        Ok(self.dirty.get_mut(key).expect("inserted above"))
+        Ok(find_mut(&mut self.dirty, hash, key).expect("found above"))
     }
 
     /// Writes `row` as it is, replacing any stored row with its key, without reading
@@ -343,10 +384,11 @@ impl<R: Row> RowCache<R> {
     /// event writes the same row).
     pub fn put(&mut self, row: R) {
         let key = row.key();
-        self.dirty.remove(&key);
-        self.committed.remove(&key);
+        let hash = key_hash(&key);
+        take(&mut self.dirty, hash, &key);
+        take(&mut self.committed, hash, &key);
         if self.known.is_some() {
-            self.pending_known.push(key_hash(&key));
+            self.pending_known.push(hash);
         }
         self.prepared = None;
         self.put.push(row);
@@ -371,19 +413,20 @@ impl<R: Row> RowCache<R> {
                 message,
             })?;
             let key = row.key();
-            if self.dirty.contains_key(&key) {
+            let hash = key_hash(&key);
+            if find(&self.dirty, hash, &key).is_some() {
                 continue;
             }
             if seen.insert(key.clone()) {
                 keys.push(key.clone());
             }
-            if let Entry::Vacant(slot) = self.committed.entry(key) {
-                slot.insert(Some(row));
+            if find(&self.committed, hash, &key).is_none() {
+                add(&mut self.committed, hash, key, Some(row));
             }
         }
-        for (key, row) in &self.dirty {
-            if matches(row) && seen.insert(key.clone()) {
-                keys.push(key.clone());
+        for slot in &self.dirty {
+            if matches(&slot.value) && seen.insert(slot.key.clone()) {
+                keys.push(slot.key.clone());
             }
         }
         Ok(keys)
@@ -396,7 +439,8 @@ impl<R: Row> RowCache<R> {
         if self.prepared.is_none() {
             let mut rows: Vec<Vec<Cell>> = self
                 .dirty
-                .values()
+                .iter()
+                .map(|slot| &slot.value)
                 .chain(&self.put)
                 .map(R::to_cells)
                 .collect();
@@ -434,8 +478,8 @@ impl<R: Row> RowCache<R> {
         if self.committed.len() + self.dirty.len() > self.capacity {
             self.committed.clear();
         }
-        for (key, row) in self.dirty.drain() {
-            self.committed.insert(key, Some(row));
+        for Slot { hash, key, value } in self.dirty.drain() {
+            add(&mut self.committed, hash, key, Some(value));
         }
         if let Some(known) = &mut self.known {
             known.extend(self.pending_known.drain(..));

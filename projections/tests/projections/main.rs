@@ -2,6 +2,7 @@
 //! real PostgreSQL (a fresh database per test). Events are written through the real
 //! store.
 
+mod cache;
 mod db;
 mod engine;
 mod harness;
