@@ -472,14 +472,14 @@ async fn commit_batch(
     let applied_early = db.backend() == Backend::Sqlite;
     if applied_early {
         let mut read = db.begin_read().await?;
-        let applied = worker.apply_events(&mut read, &events).await;
+        let applied = worker.apply_events(&mut read, events).await;
         read.rollback().await?;
         if let Some((index, error)) = applied? {
             return Ok(Attempted::Poison(index, error));
         }
         worker.prepare();
     }
-    let result = write_batch(db, worker, lane, &events, backlog, applied_early).await;
+    let result = write_batch(db, worker, lane, events, backlog, applied_early).await;
     if !matches!(result, Ok(Attempted::Committed)) {
         worker.rollback();
     }
