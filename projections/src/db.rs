@@ -315,10 +315,17 @@ impl Backend {
 
     /// `CREATE TABLE` + indexes of one physical table.
     pub fn create_table(self, spec: &TableSpec, physical: &str) -> Vec<String> {
+        // Text compares bytewise on both backends: SQLite's default, and `COLLATE "C"` on
+        // PostgreSQL, whose database default (even C.UTF-8) goes through strcoll for every
+        // key comparison of every index insert, about 6% of the server's rebuild work.
+        let collate = |kind| match (self, kind) {
+            (Backend::Postgres, Kind::Text) => " COLLATE \"C\"",
+            _ => "",
+        };
         let columns = spec
             .columns
             .iter()
-            .map(|c| format!("{} {}", c.name, self.type_name(c.kind)))
+            .map(|c| format!("{} {}{}", c.name, self.type_name(c.kind), collate(c.kind)))
             .collect::<Vec<_>>()
             .join(", ");
         let without_rowid = match self {
