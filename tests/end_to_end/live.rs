@@ -331,6 +331,55 @@ async fn rpm_alerts_need_a_phi_role_and_every_delivery_is_a_recorded_phi_read() 
             && entry["fields"].to_string().contains("rpmAlert.reading")),
         "{body}"
     );
+    // The series views, raw and by the patient's local day (both readings fall on
+    // 2026-03-02 in Chicago), once the projection has the batch.
+    let series = "query($p: ID!, $r: SeriesResolution!) { rpmSeries(patientId: $p, code: \"8480-6\", resolution: $r) { at value min max count unit } }";
+    let clinician = Some(clinician);
+    let mut raw = json!(null);
+    for _ in 0..100 {
+        let (_, body) = gql(
+            app.port,
+            clinician.clone(),
+            series,
+            json!({"p": patient, "r": "RAW"}),
+        )
+        .await;
+        raw = body["data"]["rpmSeries"].clone();
+        if raw.as_array().is_some_and(|points| points.len() == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let points = raw.as_array().unwrap_or_else(|| panic!("{raw}"));
+    assert_eq!(points.len(), 2, "{raw}");
+    assert_eq!(points[0]["value"], 128.0);
+    assert_eq!(points[1]["value"], 182.0);
+    assert_eq!(points[0]["unit"], "mm[Hg]");
+    let (_, body) = gql(
+        app.port,
+        clinician.clone(),
+        series,
+        json!({"p": patient, "r": "DAILY"}),
+    )
+    .await;
+    let daily = &body["data"]["rpmSeries"];
+    assert_eq!(daily.as_array().map(Vec::len), Some(1), "{body}");
+    assert_eq!(daily[0]["at"], "2026-03-02", "{body}");
+    assert_eq!(daily[0]["count"], 2);
+    assert_eq!(daily[0]["value"], 155.0);
+    assert_eq!(
+        (daily[0]["min"].clone(), daily[0]["max"].clone()),
+        (json!(128.0), json!(182.0))
+    );
+    // Another patient's series is empty.
+    let (_, body) = gql(
+        app.port,
+        clinician,
+        series,
+        json!({"p": Uuid::now_v7(), "r": "RAW"}),
+    )
+    .await;
+    assert_eq!(body["data"]["rpmSeries"], json!([]), "{body}");
     let _ = allowed.child.kill().await;
     let _ = refused.child.kill().await;
 }

@@ -61,7 +61,10 @@ crate::read_model_row! {
             device_id: String,
             last_position: i64,
         }
-        indexes ["patient_id"]
+        // Read per enrollment (the key's prefix), which the API finds through
+        // rpm_enrollment's patient index: an index per reading would be written
+        // for every reading and read by nothing.
+        indexes []
     }
 }
 
@@ -77,7 +80,8 @@ crate::read_model_row! {
             mean: f64,
             last_position: i64,
         }
-        indexes ["patient_id"]
+        // Read per enrollment, as rpm_reading.
+        indexes []
     }
 }
 

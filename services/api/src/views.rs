@@ -429,7 +429,7 @@ impl ViewsQuery {
         let (sql, kinds): (&str, Vec<Kind>) = match resolution {
             SeriesResolution::Raw => (
                 "SELECT r.effective_at, r.value, r.unit FROM rpm_reading r JOIN rpm_enrollment e ON e.enrollment_id = r.enrollment_id \
-                 WHERE e.tenant = ? AND r.patient_id = ? AND r.code = ? AND r.effective_at >= ? AND r.effective_at <= ? ORDER BY r.effective_at LIMIT 5000",
+                 WHERE e.tenant = ? AND e.patient_id = ? AND r.code = ? AND r.effective_at >= ? AND r.effective_at <= ? ORDER BY r.effective_at LIMIT 5000",
                 vec![Kind::Text, Kind::Real, Kind::Text],
             ),
             SeriesResolution::Daily => (
