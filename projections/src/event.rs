@@ -77,18 +77,7 @@ impl Event<'_> {
 /// Decodes an envelope's domain event. Envelopes from the store are already upcast; the
 /// fast path deserializes straight from the borrowed JSON without copying it.
 pub fn decode(envelope: &EventEnvelope) -> Domain {
-    let result = match envelope.category() {
-        "encounter" => decode_as::<EncounterEvent>(envelope).map(Domain::Encounter),
-        "patient" => decode_as::<PatientEvent>(envelope).map(Domain::Patient),
-        "rpm" => decode_as::<RpmEvent>(envelope).map(Domain::Rpm),
-        _ => return Domain::Other,
-    };
-    result.unwrap_or_else(|error| {
-        Domain::Undecodable(format!(
-            "{} v{} does not decode: {error}",
-            envelope.event_type, envelope.schema_version
-        ))
-    })
+    by_category(envelope, Payload::InEnvelope).unwrap_or(Domain::Other)
 }
 
 /// [`decode`] for an event read with `read_all_raw`, whose payload is still the stored
@@ -99,27 +88,49 @@ pub fn decode(envelope: &EventEnvelope) -> Domain {
 /// sees the payload. A payload that is not JSON is a store error, as in `read_all`.
 pub fn decode_raw(raw: RawEvent) -> Result<(EventEnvelope, Domain), ProjectionError> {
     let RawEvent { mut envelope, data } = raw;
+    if let Some(domain) = by_category(&envelope, Payload::Text(&data)) {
+        return Ok((envelope, domain));
+    }
+    envelope.data = serde_json::from_str(&data).map_err(|error| {
+        StoreError::Corrupt(format!(
+            "event at position {}: data: {error}",
+            envelope.global_position
+        ))
+    })?;
+    Ok((envelope, Domain::Other))
+}
+
+/// Where a payload is: the envelope's `data`, or the stored text beside it.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    InEnvelope,
+    Text(&'a str),
+}
+
+/// The domain event of a category a read model decodes; `None` for other categories.
+fn by_category(envelope: &EventEnvelope, payload: Payload<'_>) -> Option<Domain> {
     let result = match envelope.category() {
-        "encounter" => decode_text::<EncounterEvent>(&envelope, &data).map(Domain::Encounter),
-        "patient" => decode_text::<PatientEvent>(&envelope, &data).map(Domain::Patient),
-        "rpm" => decode_text::<RpmEvent>(&envelope, &data).map(Domain::Rpm),
-        _ => {
-            envelope.data = serde_json::from_str(&data).map_err(|error| {
-                StoreError::Corrupt(format!(
-                    "event at position {}: data: {error}",
-                    envelope.global_position
-                ))
-            })?;
-            return Ok((envelope, Domain::Other));
-        }
+        "encounter" => decode_payload::<EncounterEvent>(envelope, payload).map(Domain::Encounter),
+        "patient" => decode_payload::<PatientEvent>(envelope, payload).map(Domain::Patient),
+        "rpm" => decode_payload::<RpmEvent>(envelope, payload).map(Domain::Rpm),
+        _ => return None,
     };
-    let domain = result.unwrap_or_else(|error| {
+    Some(result.unwrap_or_else(|error| {
         Domain::Undecodable(format!(
             "{} v{} does not decode: {error}",
             envelope.event_type, envelope.schema_version
         ))
-    });
-    Ok((envelope, domain))
+    }))
+}
+
+fn decode_payload<E: DomainEvent>(
+    envelope: &EventEnvelope,
+    payload: Payload<'_>,
+) -> Result<E, String> {
+    match payload {
+        Payload::InEnvelope => decode_as(envelope),
+        Payload::Text(data) => decode_text(envelope, data),
+    }
 }
 
 fn decode_text<E: DomainEvent>(envelope: &EventEnvelope, data: &str) -> Result<E, String> {
