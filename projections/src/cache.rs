@@ -483,12 +483,9 @@ impl<R: Row> RowCache<R> {
                 }
                 same
             });
-            // PostgreSQL inserts rows it is known not to have without `ON CONFLICT`:
-            // a speculative insertion costs it about 40 % more per new row. (SQLite's
-            // upsert costs what its insert does.)
             let mut prepared = Prepared::default();
             for (cells, created) in rows {
-                if created && self.backend == Backend::Postgres {
+                if created && self.backend.inserts_apart() {
                     prepared.inserts.push(cells);
                 } else {
                     prepared.upserts.push(cells);
@@ -506,8 +503,13 @@ impl<R: Row> RowCache<R> {
         self.prepare();
         let prepared = self.prepared.take().expect("prepared above");
         if !prepared.inserts.is_empty() {
-            tx.insert_rows(R::TABLE, &self.physical, &prepared.inserts)
-                .await?;
+            tx.insert_rows(
+                R::TABLE,
+                &self.physical,
+                &prepared.inserts,
+                &mut self.upserts,
+            )
+            .await?;
         }
         tx.upsert_rows(
             R::TABLE,

@@ -210,8 +210,6 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// The store contract. Every backend implements it with identical semantics; the
-/// conformance suite proves it.
 /// An event of the global log with its payload as JSON text ([`EventStore::read_all_raw`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawEvent {
@@ -229,6 +227,8 @@ impl RawEvent {
     }
 }
 
+/// The store contract. Every backend implements it with identical semantics; the
+/// conformance suite proves it.
 pub trait EventStore: Clone + Send + Sync + 'static {
     /// Appends a batch atomically. See [`ExpectedVersion`] and [`StoreError`].
     /// Idempotent by event id: re-sending stored events returns their original positions.
@@ -438,42 +438,9 @@ pub(crate) fn verify_grouped(events: &[EventEnvelope], report: &mut VerifyReport
     }
 }
 
-/// [`upcast_page`] for raw reads: a payload below its current schema is parsed, upcast
-/// and written back as text (rare: the stored bytes stay as they are).
-pub(crate) fn upcast_raw_page(events: Vec<RawEvent>) -> Result<Vec<RawEvent>, StoreError> {
-    events
-        .into_iter()
-        .map(|raw| {
-            let envelope = &raw.envelope;
-            if envelope.schema_version
-                == chartline_proto::codec::current_schema_version(
-                    envelope.category(),
-                    &envelope.event_type,
-                )
-            {
-                return Ok(raw);
-            }
-            let id = envelope.event_id;
-            let corrupt =
-                |error: &dyn std::fmt::Display| StoreError::Corrupt(format!("event {id}: {error}"));
-            let RawEvent { mut envelope, data } = raw;
-            envelope.data = serde_json::from_str(&data).map_err(|e| corrupt(&e))?;
-            let upcast =
-                chartline_proto::codec::upcast_envelope(envelope).map_err(|e| corrupt(&e))?;
-            Ok(RawEvent::from_envelope(upcast))
-        })
-        .collect()
-}
-
-/// Upcasts a page read from storage; a stored event the codec cannot bring to the
+/// Upcasts a page read from storage (envelopes or raw events, see
+/// [`writer::FromEventRow::upcast`]); a stored event the codec cannot bring to the
 /// current schema is reported as corrupt rather than skipped.
-pub(crate) fn upcast_page(events: Vec<EventEnvelope>) -> Result<Vec<EventEnvelope>, StoreError> {
-    events
-        .into_iter()
-        .map(|e| {
-            let id = e.event_id;
-            chartline_proto::codec::upcast_envelope(e)
-                .map_err(|error| StoreError::Corrupt(format!("event {id}: {error}")))
-        })
-        .collect()
+pub(crate) fn upcast_page<T: writer::FromEventRow>(events: Vec<T>) -> Result<Vec<T>, StoreError> {
+    events.into_iter().map(T::upcast).collect()
 }

@@ -25,8 +25,8 @@ use super::writer::{
 };
 use super::{
     AppendResult, DEFAULT_MAX_EVENT_BYTES, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT,
-    RawEvent, ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, upcast_raw_page,
-    validate_append, verify_grouped,
+    RawEvent, ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, validate_append,
+    verify_grouped,
 };
 
 /// Advisory lock key of the event store's single active writer ("chartlin" in ASCII).
@@ -418,7 +418,7 @@ impl EventStore for PostgresStore {
         after_position: u64,
         limit: usize,
     ) -> Result<Vec<RawEvent>, StoreError> {
-        upcast_raw_page(self.read_log(scope, after_position, limit).await?)
+        upcast_page(self.read_log(scope, after_position, limit).await?)
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {

@@ -39,8 +39,8 @@ use super::writer::{
 };
 use super::{
     AppendResult, DEFAULT_MAX_EVENT_BYTES, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT,
-    RawEvent, ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, upcast_raw_page,
-    validate_append, verify_grouped,
+    RawEvent, ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, validate_append,
+    verify_grouped,
 };
 
 fn migrator() -> Migrator {
@@ -428,6 +428,15 @@ impl RawEventRow {
     }
 }
 
+/// Decodes copied rows into one allocation (`collect` into a `Result` cannot size it).
+fn decode_chunk<T: FromEventRow>(chunk: Vec<RawEventRow>) -> Result<Vec<T>, StoreError> {
+    let mut decoded = Vec::with_capacity(chunk.len());
+    for row in chunk {
+        decoded.push(row.decode()?);
+    }
+    Ok(decoded)
+}
+
 /// The next up to [`DECODE_CHUNK_ROWS`] rows of a query, each through `take`.
 fn next_chunk<T>(
     rows: &mut rusqlite::Rows<'_>,
@@ -474,15 +483,7 @@ fn direct_events<T: FromEventRow>(
     let (decoded_tx, decoded) = std::sync::mpsc::channel();
     runtime.spawn_blocking(move || {
         for chunk in chunks {
-            let mut decoded = Vec::with_capacity(chunk.len());
-            let result: Result<Vec<T>, StoreError> = chunk
-                .into_iter()
-                .try_for_each(|row| {
-                    decoded.push(row.decode()?);
-                    Ok(())
-                })
-                .map(|()| decoded);
-            if decoded_tx.send(result).is_err() {
+            if decoded_tx.send(decode_chunk(chunk)).is_err() {
                 break;
             }
         }
@@ -880,7 +881,7 @@ impl EventStore for SqliteStore {
         after_position: u64,
         limit: usize,
     ) -> Result<Vec<RawEvent>, StoreError> {
-        upcast_raw_page(self.read_log(scope, after_position, limit).await?)
+        upcast_page(self.read_log(scope, after_position, limit).await?)
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {

@@ -646,6 +646,13 @@ pub(crate) trait FromEventRow: Sized + Send + 'static {
     fn payload(data: &str) -> Result<Self::Payload, serde_json::Error>;
     /// `envelope.data` is `Null` here.
     fn assemble(envelope: EventEnvelope, payload: Self::Payload) -> Self;
+    /// Brings the event to its type's current schema (the stored bytes stay as they are);
+    /// an event the codec cannot upcast is `Corrupt`.
+    fn upcast(self) -> Result<Self, StoreError>;
+}
+
+fn not_upcast(id: Uuid, error: &dyn std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("event {id}: {error}"))
 }
 
 impl FromEventRow for EventEnvelope {
@@ -657,6 +664,10 @@ impl FromEventRow for EventEnvelope {
         envelope.data = payload;
         envelope
     }
+    fn upcast(self) -> Result<Self, StoreError> {
+        let id = self.event_id;
+        chartline_proto::codec::upcast_envelope(self).map_err(|e| not_upcast(id, &e))
+    }
 }
 
 impl FromEventRow for RawEvent {
@@ -666,6 +677,21 @@ impl FromEventRow for RawEvent {
     }
     fn assemble(envelope: EventEnvelope, data: String) -> Self {
         RawEvent { envelope, data }
+    }
+    /// Only a payload below its current schema (rare) is parsed, upcast and written back
+    /// as text.
+    fn upcast(self) -> Result<Self, StoreError> {
+        let RawEvent { mut envelope, data } = self;
+        let current = chartline_proto::codec::current_schema_version(
+            envelope.category(),
+            &envelope.event_type,
+        );
+        if envelope.schema_version == current {
+            return Ok(RawEvent { envelope, data });
+        }
+        let id = envelope.event_id;
+        envelope.data = serde_json::from_str(&data).map_err(|e| not_upcast(id, &e))?;
+        Ok(RawEvent::from_envelope(envelope.upcast()?))
     }
 }
 
