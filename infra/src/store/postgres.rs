@@ -116,31 +116,36 @@ impl PostgresStore {
 
 impl PostgresStore {
     /// The global log after `after_position`, as stored (not upcast).
+    ///
+    /// Rows are decoded as they arrive, not after the last one, so the server produces
+    /// and sends the rest of the page on the other core meanwhile. With `fetch_all` the
+    /// two took turns: about 10 ms of server work, then 12-20 ms of decoding per
+    /// 5,000-event page. (Handing chunks of rows to a decoding helper thread as well was
+    /// slower: the server needs that core.)
     async fn read_log<T: FromEventRow>(
         &self,
         scope: &ReadScope,
         after_position: u64,
         limit: usize,
     ) -> Result<Vec<T>, StoreError> {
-        let limit = limit.min(MAX_READ_LIMIT) as i64;
-        let rows = match scope {
-            ReadScope::AllTenants => {
-                sqlx::query(super::sql::READ_ALL)
-                    .bind(after_position as i64)
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            ReadScope::Tenant(tenant) => {
-                sqlx::query(super::sql::READ_ALL_OF_TENANT)
-                    .bind(tenant.as_str())
-                    .bind(after_position as i64)
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
+        use futures::TryStreamExt;
+        let limit = limit.min(MAX_READ_LIMIT);
+        let query = match scope {
+            ReadScope::AllTenants => sqlx::query(super::sql::READ_ALL)
+                .bind(after_position as i64)
+                .bind(limit as i64),
+            ReadScope::Tenant(tenant) => sqlx::query(super::sql::READ_ALL_OF_TENANT)
+                .bind(tenant.as_str())
+                .bind(after_position as i64)
+                .bind(limit as i64),
         };
-        rows.iter().map(row_to_envelope).collect()
+        let mut rows = query.fetch(&self.pool);
+        // Not `limit`: a live tail asks for thousands of events and usually gets none.
+        let mut events = Vec::with_capacity(limit.min(1024));
+        while let Some(row) = rows.try_next().await? {
+            events.push(row_to_envelope(&row)?);
+        }
+        Ok(events)
     }
 }
 
