@@ -138,9 +138,7 @@ impl CellValue for DateTime<Utc> {
     }
     fn from_cell(cell: Cell) -> Result<Self, String> {
         let text = String::from_cell(cell)?;
-        DateTime::parse_from_rfc3339(&text)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|e| format!("bad timestamp {text:?}: {e}"))
+        chartline_proto::time::parse_utc(&text).map_err(|e| format!("bad timestamp {text:?}: {e}"))
     }
 }
 

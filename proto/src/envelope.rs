@@ -60,6 +60,7 @@ pub struct Metadata {
     /// The service that appended the event (scheduling, billing, …, or `cli`).
     pub source: String,
     /// When the fact happened at its source (may be earlier than `recorded_at`).
+    #[serde(deserialize_with = "crate::time::deserialize_utc")]
     pub occurred_at: DateTime<Utc>,
     pub contains_phi: bool,
 }

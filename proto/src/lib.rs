@@ -19,6 +19,7 @@ pub mod ids;
 pub mod jcs;
 pub mod schemas;
 pub mod subjects;
+pub mod time;
 
 pub use envelope::{Actor, ActorKind, EventEnvelope, Metadata, NewEvent};
 pub use ids::{StreamId, TenantId};

@@ -723,9 +723,8 @@ pub(crate) fn envelope_from_columns<T: FromEventRow>(
         schema_version: schema_version as u32,
         data: serde_json::Value::Null,
         metadata: serde_json::from_str(metadata).map_err(|e| corrupt("metadata", &e))?,
-        recorded_at: DateTime::parse_from_rfc3339(recorded_at)
-            .map_err(|e| corrupt("recorded_at", &e))?
-            .with_timezone(&Utc),
+        recorded_at: chartline_proto::time::parse_utc(recorded_at)
+            .map_err(|e| corrupt("recorded_at", &e))?,
         prev_hash,
         hash,
     };
