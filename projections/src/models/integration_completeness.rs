@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::artifact_key;
 use crate::cache::{CacheControl, Row, RowCache};
-use crate::db::{Cell, Kind, ReadDb, TableSpec, Tx};
+use crate::db::{Cell, CellValue, Kind, ReadDb, TableSpec, Tx};
 use crate::engine::Projection;
 use crate::error::ProjectionError;
 use crate::event::Event;
@@ -54,7 +54,7 @@ crate::read_model_row! {
             manual_acknowledgements: i64,
             manual_note_transfers: i64,
             fully_automated: bool,
-            artifacts: String,
+            artifacts: Artifacts,
             last_manual_touch_at: Option<DateTime<Utc>>,
             last_position: i64,
         }
@@ -62,10 +62,28 @@ crate::read_model_row! {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct ArtifactProgress {
     acknowledged: bool,
     manual: bool,
+}
+
+/// The `artifacts` column: kept parsed in the row cache and written as its JSON text
+/// only when the row is written, not parsed and re-serialized for every event.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Artifacts(BTreeMap<String, ArtifactProgress>);
+
+impl CellValue for Artifacts {
+    const KIND: Kind = Kind::Text;
+    fn to_cell(&self) -> Cell {
+        Cell::Text(serde_json::to_string(&self.0).expect("a map of flags serializes"))
+    }
+    fn from_cell(cell: Cell) -> Result<Self, String> {
+        let text = String::from_cell(cell)?;
+        serde_json::from_str(&text)
+            .map(Artifacts)
+            .map_err(|e| format!("bad artifacts {text:?}: {e}"))
+    }
 }
 
 #[derive(Default)]
@@ -119,7 +137,7 @@ impl IntegrationCompleteness {
                 manual_acknowledgements: 0,
                 manual_note_transfers: 0,
                 fully_automated: false,
-                artifacts: "{}".into(),
+                artifacts: Artifacts::default(),
                 last_manual_touch_at: None,
                 last_position: 0,
             })
@@ -130,11 +148,7 @@ impl IntegrationCompleteness {
         row.last_position = position;
         let actor = &event.envelope.metadata.actor;
         let human = actor.kind.is_human();
-        let mut artifacts: BTreeMap<String, ArtifactProgress> =
-            serde_json::from_str(&row.artifacts).map_err(|e| ProjectionError::CorruptRow {
-                table: "integration_completeness".into(),
-                message: e.to_string(),
-            })?;
+        let artifacts = &mut row.artifacts.0;
         let mut touched = false;
         use EncounterEvent as E;
         let require = |artifacts: &mut BTreeMap<String, ArtifactProgress>,
@@ -144,23 +158,22 @@ impl IntegrationCompleteness {
         match domain {
             E::Scheduled(e) => {
                 row.practitioner_id = Some(e.practitioner_id.clone());
-                require(&mut artifacts, &WriteBackArtifact::Appointment);
+                require(artifacts, &WriteBackArtifact::Appointment);
             }
             E::Cancelled(_) | E::NoShow(_) => row.cancelled = true,
-            E::ConsultationStarted(_) => require(&mut artifacts, &WriteBackArtifact::Encounter),
+            E::ConsultationStarted(_) => require(artifacts, &WriteBackArtifact::Encounter),
             E::ConsultationEnded(_) => row.consultation_ended = true,
-            E::NoteSigned(_) => require(&mut artifacts, &WriteBackArtifact::DocumentReference),
-            E::FollowUpTaskCreated(e) => require(
-                &mut artifacts,
-                &WriteBackArtifact::Task { task_id: e.task_id },
-            ),
+            E::NoteSigned(_) => require(artifacts, &WriteBackArtifact::DocumentReference),
+            E::FollowUpTaskCreated(e) => {
+                require(artifacts, &WriteBackArtifact::Task { task_id: e.task_id })
+            }
             E::CodesAssigned(e) | E::CodesRevised(e) => {
                 if human {
                     row.manual_code_picks += 1;
                     touched = true;
                 }
                 if matches!(e.outcome, CodingOutcome::Billable { .. }) {
-                    require(&mut artifacts, &WriteBackArtifact::ChargeItem);
+                    require(artifacts, &WriteBackArtifact::ChargeItem);
                 }
             }
             E::NoteDrafted(_) | E::NoteAmended(_)
@@ -204,8 +217,6 @@ impl IntegrationCompleteness {
         row.fully_automated = row.required_artifacts > 0
             && row.acknowledged_automatically == row.required_artifacts
             && row.manual_touches == 0;
-        row.artifacts = serde_json::to_string(&artifacts)
-            .map_err(|e| ProjectionError::handler(format!("artifacts: {e}")))?;
         Ok(())
     }
 }
