@@ -89,6 +89,9 @@ pub struct EventEnvelope {
     pub schema_version: u32,
     pub data: serde_json::Value,
     pub metadata: Metadata,
+    // Read back like `metadata.occurred_at` (envelopes arrive as JSON from the store
+    // service and JetStream, pages of thousands at a time).
+    #[serde(deserialize_with = "crate::time::deserialize_utc")]
     pub recorded_at: DateTime<Utc>,
     /// Hex SHA-256 of the previous event of the stream (64 zeros for version 1).
     pub prev_hash: String,

@@ -1,5 +1,7 @@
 //! Reading timestamps back: every envelope carries two (`recorded_at` and
-//! `metadata.occurred_at`), and a catch-up or an audit replay reads millions.
+//! `metadata.occurred_at`), and a catch-up or an audit replay reads millions. Both
+//! fields deserialize through [`deserialize_utc`] (JSON from the store service and
+//! JetStream), and the stores parse the `recorded_at` column with [`parse_utc`].
 //!
 //! [`parse_utc`] reads the one shape Chartline writes, `YYYY-MM-DDTHH:MM:SS[.f…]Z`
 //! (chrono's RFC 3339 output in UTC, 0 to 9 fraction digits), with a few byte
