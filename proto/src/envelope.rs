@@ -23,6 +23,27 @@ pub enum ActorKind {
 }
 
 impl ActorKind {
+    pub const ALL: [ActorKind; 6] = [
+        ActorKind::Clinician,
+        ActorKind::Staff,
+        ActorKind::Service,
+        ActorKind::Ai,
+        ActorKind::Device,
+        ActorKind::System,
+    ];
+
+    /// The name serde writes (`snake_case`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActorKind::Clinician => "clinician",
+            ActorKind::Staff => "staff",
+            ActorKind::Service => "service",
+            ActorKind::Ai => "ai",
+            ActorKind::Device => "device",
+            ActorKind::System => "system",
+        }
+    }
+
     /// Whether this actor is a person (a "manual touch" when it does integration work).
     pub fn is_human(self) -> bool {
         matches!(self, ActorKind::Clinician | ActorKind::Staff)
@@ -102,5 +123,20 @@ pub struct EventEnvelope {
 impl EventEnvelope {
     pub fn category(&self) -> &str {
         self.stream_id.category()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ActorKind;
+
+    #[test]
+    fn actor_kind_names_are_the_serde_names() {
+        for kind in ActorKind::ALL {
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::Value::String(kind.as_str().to_owned())
+            );
+        }
     }
 }

@@ -10,7 +10,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::envelope::{EventEnvelope, Metadata};
+use crate::envelope::{Actor, EventEnvelope, Metadata};
 use crate::ids::StreamId;
 
 /// `prev_hash` of the first event of every stream.
@@ -31,41 +31,121 @@ pub struct HashInput<'a> {
 /// Record times are hashed at microsecond precision, the precision both storage
 /// backends keep, so a value read back hashes as it did when written.
 pub fn canonical_time(at: DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+    let mut out = Vec::with_capacity(27);
+    crate::time::write_rfc3339(&mut out, at, SecondsFormat::Micros);
+    String::from_utf8(out).expect("RFC 3339 text is ASCII")
 }
 
 /// RFC 8785 canonical bytes of the hashed part of an event: the JSON object
 /// `{data, event_id, event_type, metadata, recorded_at, schema_version, stream_id,
 /// stream_version}` (members in canonical order), written by [`crate::jcs`].
 pub fn canonical_bytes(input: &HashInput<'_>) -> Vec<u8> {
-    use crate::jcs::{write_number, write_string, write_value};
-    let metadata =
-        serde_json::to_value(input.metadata).expect("metadata always serializes to JSON");
     let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(b"{\"data\":");
-    write_value(&mut out, input.data);
-    out.extend_from_slice(b",\"event_id\":");
-    write_string(&mut out, &input.event_id.hyphenated().to_string());
-    out.extend_from_slice(b",\"event_type\":");
-    write_string(&mut out, input.event_type);
-    out.extend_from_slice(b",\"metadata\":");
-    write_value(&mut out, &metadata);
-    out.extend_from_slice(b",\"recorded_at\":");
-    write_string(&mut out, &canonical_time(input.recorded_at));
-    out.extend_from_slice(b",\"schema_version\":");
-    write_number(&mut out, f64::from(input.schema_version));
-    out.extend_from_slice(b",\"stream_id\":");
-    write_string(&mut out, input.stream_id.as_str());
-    out.extend_from_slice(b",\"stream_version\":");
-    write_number(&mut out, input.stream_version as f64);
-    out.push(b'}');
+    write_canonical(
+        &mut out,
+        input,
+        &canonical_metadata(input.metadata),
+        &canonical_time(input.recorded_at),
+    );
     out
 }
 
+/// [`canonical_bytes`] from parts the caller already has: the metadata's canonical JSON
+/// ([`canonical_metadata`]) and the record time's text ([`canonical_time`]).
+fn write_canonical(out: &mut Vec<u8>, input: &HashInput<'_>, metadata: &str, recorded_at: &str) {
+    use crate::jcs::{write_number, write_string, write_value};
+    out.extend_from_slice(b"{\"data\":");
+    write_value(out, input.data);
+    out.extend_from_slice(b",\"event_id\":");
+    write_uuid(out, input.event_id);
+    out.extend_from_slice(b",\"event_type\":");
+    write_string(out, input.event_type);
+    out.extend_from_slice(b",\"metadata\":");
+    out.extend_from_slice(metadata.as_bytes());
+    out.extend_from_slice(b",\"recorded_at\":");
+    write_string(out, recorded_at);
+    out.extend_from_slice(b",\"schema_version\":");
+    write_number(out, f64::from(input.schema_version));
+    out.extend_from_slice(b",\"stream_id\":");
+    write_string(out, input.stream_id.as_str());
+    out.extend_from_slice(b",\"stream_version\":");
+    write_number(out, input.stream_version as f64);
+    out.push(b'}');
+}
+
+/// A UUID as a JSON string, hyphenated lower case (as serde writes it).
+fn write_uuid(out: &mut Vec<u8>, id: Uuid) {
+    out.push(b'"');
+    out.extend_from_slice(
+        id.hyphenated()
+            .encode_lower(&mut Uuid::encode_buffer())
+            .as_bytes(),
+    );
+    out.push(b'"');
+}
+
+/// The RFC 8785 canonical JSON of an event's metadata: what `serde_json::to_value`
+/// then [`crate::jcs::write_value`] produce, written straight from the struct (members
+/// in canonical order; every name is ASCII, so byte order is UTF-16 order). The store
+/// keeps this text as the event's `metadata`, so an append serializes metadata once.
+pub fn canonical_metadata(metadata: &Metadata) -> String {
+    use crate::jcs::write_string;
+    // Destructured so that a new field fails to compile here until it is written.
+    let Metadata {
+        tenant,
+        actor: Actor { kind, id },
+        correlation_id,
+        causation_id,
+        source,
+        occurred_at,
+        contains_phi,
+    } = metadata;
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"{\"actor\":{\"id\":");
+    write_string(&mut out, id);
+    out.extend_from_slice(b",\"kind\":\"");
+    out.extend_from_slice(kind.as_str().as_bytes());
+    out.extend_from_slice(b"\"},\"causation_id\":");
+    match causation_id {
+        Some(causation) => write_uuid(&mut out, *causation),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"contains_phi\":");
+    out.extend_from_slice(if *contains_phi { b"true" } else { b"false" });
+    out.extend_from_slice(b",\"correlation_id\":");
+    write_uuid(&mut out, *correlation_id);
+    out.extend_from_slice(b",\"occurred_at\":\"");
+    crate::time::write_rfc3339(&mut out, *occurred_at, SecondsFormat::AutoSi);
+    out.extend_from_slice(b"\",\"source\":");
+    write_string(&mut out, source);
+    out.extend_from_slice(b",\"tenant\":");
+    write_string(&mut out, tenant.as_str());
+    out.push(b'}');
+    String::from_utf8(out).expect("JSON written from UTF-8 strings is UTF-8")
+}
+
 pub fn chain_hash(prev_hash: &str, input: &HashInput<'_>) -> String {
+    chain_hash_with(
+        prev_hash,
+        input,
+        &canonical_metadata(input.metadata),
+        &canonical_time(input.recorded_at),
+    )
+}
+
+/// [`chain_hash`] for a writer that already holds the metadata's canonical JSON
+/// ([`canonical_metadata`]) and the record time's text ([`canonical_time`]).
+pub fn chain_hash_with(
+    prev_hash: &str,
+    input: &HashInput<'_>,
+    metadata: &str,
+    recorded_at: &str,
+) -> String {
+    let mut bytes = Vec::with_capacity(512);
+    write_canonical(&mut bytes, input, metadata, recorded_at);
     let mut hasher = Sha256::new();
     hasher.update(prev_hash.as_bytes());
-    hasher.update(canonical_bytes(input));
+    hasher.update(&bytes);
     hex::encode(hasher.finalize())
 }
 
@@ -167,19 +247,29 @@ mod tests {
             version in 1u64..u64::MAX / 2,
             schema in 1u32..50,
             micros in 0i64..4_102_444_800_000_000,
+            nanos in prop_oneof![Just(0u32), 0u32..1_000_000_000],
             phi: bool,
             causation: bool,
+            kind in prop::sample::select(ActorKind::ALL.to_vec()),
+            actor in "\\PC{0,12}|[\\x00-\\x1f\"\\\\\u{e9}\u{1f600}a]{0,8}",
             source in "[a-z\\-]{1,12}",
         ) {
             let metadata = Metadata {
                 tenant: TenantId::parse("clinic-a").unwrap(),
-                actor: Actor::new(ActorKind::Clinician, "dr-\u{e9}\"quoted\""),
+                actor: Actor::new(kind, actor),
                 correlation_id: Uuid::from_u128(u128::from(version) << 7),
                 causation_id: causation.then(|| Uuid::from_u128(u128::from(schema))),
                 source,
-                occurred_at: Utc.timestamp_micros(micros).unwrap(),
+                occurred_at: Utc.timestamp_micros(micros).unwrap()
+                    + chrono::Duration::nanoseconds(i64::from(nanos)),
                 contains_phi: phi,
             };
+            // The metadata text the store keeps is its canonical JSON.
+            let mut via_value = Vec::new();
+            crate::jcs::write_value(&mut via_value, &serde_json::to_value(&metadata).unwrap());
+            let text = canonical_metadata(&metadata);
+            prop_assert_eq!(text.as_bytes(), &via_value[..]);
+            prop_assert_eq!(serde_json::from_str::<Metadata>(&text).unwrap(), metadata.clone());
             let stream = StreamId::parse("encounter-0f3c2a").unwrap();
             let input = HashInput {
                 event_id: Uuid::from_u128(u128::from(version) * 31),

@@ -8,8 +8,12 @@
 //! comparisons, and hands anything else to chrono's parser, so it accepts exactly what
 //! chrono accepts and yields the same instant. chrono's general parser was 7 % of the
 //! client's work in a PostgreSQL `read_all`.
+//!
+//! [`write_rfc3339`] is the other direction for the append path, which writes two
+//! timestamps per event into the hash input: the bytes chrono's `to_rfc3339_opts(format,
+//! true)` writes, without its formatting machinery (chrono for anything unusual).
 
-use chrono::{DateTime, FixedOffset, NaiveDate, NaiveTime, Utc};
+use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, NaiveTime, SecondsFormat, Timelike, Utc};
 
 /// An RFC 3339 timestamp as a UTC instant; the same result as
 /// `text.parse::<DateTime<FixedOffset>>()` converted to UTC.
@@ -60,6 +64,52 @@ fn written_shape(b: &[u8]) -> Option<DateTime<Utc>> {
     let time =
         NaiveTime::from_hms_nano_opt(digits(&b[11..13])?, digits(&b[14..16])?, second, nanos)?;
     Some(date.and_time(time).and_utc())
+}
+
+/// Appends `at.to_rfc3339_opts(format, true)` to `out`, byte for byte. Years 0–9999
+/// without a leap second take a direct path; anything else goes through chrono.
+pub fn write_rfc3339(out: &mut Vec<u8>, at: DateTime<Utc>, format: SecondsFormat) {
+    let year = at.year();
+    let nanos = at.nanosecond();
+    let fraction = match format {
+        SecondsFormat::Secs => Some(0),
+        SecondsFormat::Millis => Some(3),
+        SecondsFormat::Micros => Some(6),
+        SecondsFormat::Nanos => Some(9),
+        SecondsFormat::AutoSi if nanos == 0 => Some(0),
+        SecondsFormat::AutoSi if nanos.is_multiple_of(1_000_000) => Some(3),
+        SecondsFormat::AutoSi if nanos.is_multiple_of(1_000) => Some(6),
+        SecondsFormat::AutoSi => Some(9),
+        _ => None,
+    };
+    let Some(fraction) = fraction.filter(|_| (0..=9999).contains(&year) && nanos < 1_000_000_000)
+    else {
+        out.extend_from_slice(at.to_rfc3339_opts(format, true).as_bytes());
+        return;
+    };
+    push_digits(out, year as u32, 4);
+    for (separator, value) in [
+        (b'-', at.month()),
+        (b'-', at.day()),
+        (b'T', at.hour()),
+        (b':', at.minute()),
+        (b':', at.second()),
+    ] {
+        out.push(separator);
+        push_digits(out, value, 2);
+    }
+    if fraction > 0 {
+        out.push(b'.');
+        push_digits(out, nanos / 10u32.pow(9 - fraction), fraction);
+    }
+    out.push(b'Z');
+}
+
+/// `value`'s last `width` decimal digits, zero-padded.
+fn push_digits(out: &mut Vec<u8>, value: u32, width: u32) {
+    for place in (0..width).rev() {
+        out.push(b'0' + (value / 10u32.pow(place) % 10) as u8);
+    }
 }
 
 /// `#[serde(deserialize_with)]` for a `DateTime<Utc>` field, through [`parse_utc`].
@@ -142,7 +192,61 @@ mod tests {
         assert!(serde_json::from_str::<At>(r#"{"at":17}"#).is_err());
     }
 
+    #[test]
+    fn writes_what_chrono_writes_at_the_edges() {
+        for (seconds, nanos) in [
+            (0, 0),
+            (1_795_706_424, 1),
+            (1_795_706_424, 120_000_000),
+            (1_795_706_424, 123_456_000),
+            (1_795_706_424, 999_999_999),
+            // A leap second (nanos ≥ 10⁹) and years outside 0–9999 go through chrono.
+            (1_483_228_799, 1_500_000_000),
+            (-62_167_219_201, 0),
+            (253_402_300_800, 5_000),
+            (-62_135_596_800, 0),
+        ] {
+            let at = Utc.timestamp_opt(seconds, nanos).unwrap();
+            for format in FORMATS {
+                let mut out = Vec::new();
+                write_rfc3339(&mut out, at, format);
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    at.to_rfc3339_opts(format, true),
+                    "{seconds} {nanos} {format:?}"
+                );
+            }
+        }
+    }
+
+    const FORMATS: [SecondsFormat; 5] = [
+        SecondsFormat::Secs,
+        SecondsFormat::Millis,
+        SecondsFormat::Micros,
+        SecondsFormat::Nanos,
+        SecondsFormat::AutoSi,
+    ];
+
     proptest! {
+        /// The direct writer writes what chrono writes.
+        #[test]
+        fn writes_what_chrono_writes(
+            seconds in -62_167_219_200i64..253_402_300_800,
+            nanos in prop_oneof![
+                Just(0u32),
+                (0u32..1_000).prop_map(|ms| ms * 1_000_000),
+                (0u32..1_000_000).prop_map(|us| us * 1_000),
+                0u32..1_000_000_000,
+            ],
+        ) {
+            let at = Utc.timestamp_opt(seconds, nanos).unwrap();
+            for format in FORMATS {
+                let mut out = Vec::new();
+                write_rfc3339(&mut out, at, format);
+                prop_assert_eq!(String::from_utf8(out).unwrap(), at.to_rfc3339_opts(format, true));
+            }
+        }
+
         /// Every instant chrono writes, in every precision, reads back the same way
         /// chrono reads it.
         #[test]

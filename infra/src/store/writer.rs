@@ -11,7 +11,9 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
-use chartline_proto::hash::{GENESIS_HASH, HashInput, canonical_time, chain_hash};
+use chartline_proto::hash::{
+    GENESIS_HASH, HashInput, canonical_metadata, canonical_time, chain_hash_with,
+};
 use chartline_proto::{EventEnvelope, NewEvent, StreamId, TenantId};
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -219,7 +221,10 @@ pub(crate) fn plan(
             let first_version = version + 1;
             for event in &request.events {
                 version += 1;
-                let hash = chain_hash(
+                // The metadata is serialized once: its canonical JSON is both hashed and
+                // stored (a different member order than serde's, the same content).
+                let metadata = canonical_metadata(&event.metadata);
+                let hash = chain_hash_with(
                     &prev_hash,
                     &HashInput {
                         event_id: event.event_id,
@@ -231,6 +236,8 @@ pub(crate) fn plan(
                         metadata: &event.metadata,
                         recorded_at,
                     },
+                    &metadata,
+                    &recorded_at_text,
                 );
                 rows.push(EventRow {
                     global_position: next_position,
@@ -240,9 +247,8 @@ pub(crate) fn plan(
                     stream_version: version,
                     event_type: event.event_type.clone(),
                     schema_version: event.schema_version,
-                    data: event.data.to_string(),
-                    metadata: serde_json::to_string(&event.metadata)
-                        .expect("metadata always serializes"),
+                    data: serde_json::to_string(&event.data).expect("JSON values serialize"),
+                    metadata,
                     recorded_at: recorded_at_text.clone(),
                     prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
                     hash,
