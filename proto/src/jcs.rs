@@ -19,12 +19,17 @@ pub fn write_value(out: &mut Vec<u8>, value: &Value) {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
         Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Number(number) => write_number(
-            out,
-            number
-                .as_f64()
-                .expect("serde_json numbers without arbitrary precision are f64-convertible"),
-        ),
+        Value::Number(number) => match number.as_i64() {
+            // An integer a double holds exactly prints as its digits (ECMAScript writes
+            // integral values below 10^21 without exponent): no shortest-float search.
+            Some(integer) if integer.unsigned_abs() <= 1 << 53 => write_integer(out, integer),
+            _ => write_number(
+                out,
+                number
+                    .as_f64()
+                    .expect("serde_json numbers without arbitrary precision are f64-convertible"),
+            ),
+        },
         Value::String(text) => write_string(out, text),
         Value::Array(items) => {
             out.push(b'[');
@@ -67,6 +72,34 @@ pub fn write_value(out: &mut Vec<u8>, value: &Value) {
 pub fn write_number(out: &mut Vec<u8>, value: f64) {
     let mut buffer = ryu_js::Buffer::new();
     out.extend_from_slice(buffer.format_finite(value).as_bytes());
+}
+
+/// Appends an unsigned integer as [`write_number`] writes it (as a double).
+pub fn write_unsigned(out: &mut Vec<u8>, value: u64) {
+    if value <= 1 << 53 {
+        write_integer(out, value as i64);
+    } else {
+        write_number(out, value as f64);
+    }
+}
+
+/// Appends an integer in decimal, as [`write_number`] writes it when |value| ≤ 2^53.
+fn write_integer(out: &mut Vec<u8>, value: i64) {
+    if value < 0 {
+        out.push(b'-');
+    }
+    let mut magnitude = value.unsigned_abs();
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (magnitude % 10) as u8;
+        magnitude /= 10;
+        if magnitude == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
 }
 
 /// Appends a string literal, escaped as RFC 8785 requires.
@@ -162,6 +195,9 @@ pub(crate) mod tests {
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(|n| json!(n)),
             any::<u64>().prop_map(|n| json!(n)),
+            (-1_000_000i64..1_000_000).prop_map(|n| json!(n)),
+            (-3i64..=3).prop_map(|d| json!((1i64 << 53) + d)),
+            (-3i64..=3).prop_map(|d| json!(-(1i64 << 53) + d)),
             any::<f64>()
                 .prop_filter("finite", |f| f.is_finite())
                 .prop_map(|f| json!(f)),
