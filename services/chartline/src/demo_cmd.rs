@@ -291,6 +291,36 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
         previous = states;
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+    // The sandbox EHR stops with the services: read what it injected first.
+    let injected: BTreeMap<String, u64> = http
+        .get(format!("{ehr_url}/_faults"))
+        .send()
+        .await?
+        .json::<serde_json::Value>()
+        .await?["injected"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    // With --exit the summary is the final word: stop every service first (each finishes
+    // its in-flight work, such as a write-back whose EHR answer is on its way, and saves
+    // its checkpoint), then bring the read models to the head once. The numbers below
+    // are then exactly what the store and the read models hold when the process exits;
+    // a settled log can still change behind a summary read from a running system.
+    if args.exit {
+        let _ = stop.send(true);
+        while tasks.join_next().await.is_some() {}
+        chartline_projections::engine::ProjectionRunner::new(
+            runtime.store.clone(),
+            read_db.clone(),
+        )
+        .await?
+        .catch_up()
+        .await?;
+    }
 
     // Everything below is read back from the store and the read models.
     let mut identity: BTreeMap<String, u64> = BTreeMap::new();
@@ -342,19 +372,6 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
         TENANT,
     )
     .await?;
-    let injected: BTreeMap<String, u64> = http
-        .get(format!("{ehr_url}/_faults"))
-        .send()
-        .await?
-        .json::<serde_json::Value>()
-        .await?["injected"]
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default();
     let headline =
         chartline_projections::models::integration_completeness::headline(&read_db, Some(TENANT))
             .await?;
@@ -460,8 +477,6 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
     }
 
     if args.exit {
-        let _ = stop.send(true);
-        while tasks.join_next().await.is_some() {}
         return Ok(if verify.is_intact() {
             ExitCode::SUCCESS
         } else {
