@@ -141,6 +141,10 @@ pub fn chain_hash_with(
     metadata: &str,
     recorded_at: &str,
 ) -> String {
+    // The texts stand in for `input.metadata` and `input.recorded_at`; a caller passing
+    // others would hash something it does not store. Checked in debug builds (tests).
+    debug_assert_eq!(metadata, canonical_metadata(input.metadata));
+    debug_assert_eq!(recorded_at, canonical_time(input.recorded_at));
     let mut bytes = Vec::with_capacity(512);
     write_canonical(&mut bytes, input, metadata, recorded_at);
     let mut hasher = Sha256::new();

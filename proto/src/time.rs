@@ -255,13 +255,7 @@ mod tests {
             nanos in 0u32..1_000_000_000,
         ) {
             let at = Utc.timestamp_opt(seconds, nanos).unwrap();
-            for format in [
-                SecondsFormat::Secs,
-                SecondsFormat::Millis,
-                SecondsFormat::Micros,
-                SecondsFormat::Nanos,
-                SecondsFormat::AutoSi,
-            ] {
+            for format in FORMATS {
                 let text = at.to_rfc3339_opts(format, true);
                 prop_assert_eq!(parse_utc(&text).ok(), chrono_says(&text));
                 prop_assert!(written_shape(text.as_bytes()).is_some());
