@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chartline_proto::hash::{
@@ -490,6 +491,9 @@ pub(crate) struct Writer {
     head: watch::Receiver<u64>,
     head_tx: std::sync::Arc<watch::Sender<u64>>,
     inline: std::sync::Arc<InlineCommit>,
+    /// Set while the writer task holds requests and waits for more to join their group:
+    /// a caller then queues behind them instead of committing on its own thread.
+    gathering: std::sync::Arc<AtomicBool>,
 }
 
 /// Publishes the highest position a group committed (wakes live subscribers).
@@ -513,8 +517,11 @@ fn publish_head(head_tx: &watch::Sender<u64>, results: &[Result<AppendResult, St
 
 /// Most events one group transaction carries (keeps transactions short).
 const MAX_GROUP_EVENTS: usize = 5_000;
-/// Yields without a new request after which a group commits smaller than the last one.
+/// Yields without a new request after which a group stops waiting on the spot.
 const GROUP_YIELDS: u32 = 3;
+/// Longest a group waits, after those yields, for the requests it expects (the timer's
+/// resolution is 1 ms, so this is the shortest bounded wait tokio offers).
+const GROUP_WAIT: Duration = Duration::from_millis(1);
 /// Transient failures of a whole group are retried this many times before callers see
 /// `Unavailable` (the transaction rolled back, so retrying is safe).
 const GROUP_RETRIES: u32 = 5;
@@ -530,11 +537,14 @@ impl Writer {
             std::sync::Arc::new(move |batch: &[AppendRequest]| committer.try_commit_now(batch))
         };
         let task_head_tx = std::sync::Arc::clone(&head_tx);
+        let gathering = std::sync::Arc::new(AtomicBool::new(false));
+        let task_gathering = std::sync::Arc::clone(&gathering);
         tokio::spawn(async move {
             let head_tx = task_head_tx;
-            // Requests in the previous group: callers answered together tend to come back
-            // together, so a smaller group than that is worth a few yields.
-            let mut previous_group = 1;
+            let gathering = task_gathering;
+            // Requests the next group should hold: the callers the last group answered
+            // (they tend to come back together) plus those that queued while it committed.
+            let mut expected = 1;
             while let Some(first) = receiver.recv().await {
                 let mut events = first.events.len();
                 let mut batch = vec![first];
@@ -553,12 +563,13 @@ impl Writer {
                         }
                     };
                 drain(&mut batch, &mut events, &mut receiver);
+                gathering.store(true, Ordering::Release);
                 // Adaptive group commit: the callers just answered are still on their way
                 // back (woken, not yet run). Yielding lets them enqueue into this group
                 // instead of each paying a commit of its own; it costs microseconds, and
-                // nothing when a lone writer is alone (previous group of 1).
+                // nothing when a lone writer is alone (expected group of 1).
                 let mut idle_yields = 0;
-                while batch.len() < previous_group
+                while batch.len() < expected
                     && events < MAX_GROUP_EVENTS
                     && idle_yields < GROUP_YIELDS
                 {
@@ -569,7 +580,31 @@ impl Writer {
                         idle_yields += 1;
                     }
                 }
-                previous_group = batch.len();
+                // Callers farther away (a client of the store service over NATS) need a
+                // round trip to come back. Without this wait they split into two cohorts
+                // that take turns, each arriving while the other commits, so every commit
+                // carries half the events it could. The wait is bounded, and a group that
+                // falls short lowers the next expectation, so callers that do not come
+                // back cost it once.
+                if batch.len() < expected && events < MAX_GROUP_EVENTS {
+                    let deadline = tokio::time::sleep(GROUP_WAIT);
+                    tokio::pin!(deadline);
+                    while batch.len() < expected && events < MAX_GROUP_EVENTS {
+                        tokio::select! {
+                            biased;
+                            next = receiver.recv() => match next {
+                                Some(next) => {
+                                    events += next.events.len();
+                                    batch.push(next);
+                                }
+                                None => break,
+                            },
+                            _ = &mut deadline => break,
+                        }
+                        drain(&mut batch, &mut events, &mut receiver);
+                    }
+                }
+                gathering.store(false, Ordering::Release);
                 let mut attempt = 0;
                 let outcome = loop {
                     match committer.commit_batch(&batch).await {
@@ -582,6 +617,7 @@ impl Writer {
                         Err(error) => break Err(error),
                     }
                 };
+                expected = (batch.len() + receiver.len()).max(1);
                 match outcome {
                     Ok(results) => {
                         publish_head(&head_tx, &results);
@@ -602,6 +638,7 @@ impl Writer {
             head,
             head_tx,
             inline,
+            gathering,
         }
     }
 
@@ -620,10 +657,11 @@ impl Writer {
             events,
             reply,
         };
-        // Nobody queued for the writer task: commit on this thread if the backend can
+        // Nobody queued for the writer task nor waiting in it: commit on this thread if the backend can
         // without waiting, saving two task hand-offs. A group failure (nothing written)
         // goes on to the task, which retries transient ones.
         if self.sender.capacity() == self.sender.max_capacity()
+            && !self.gathering.load(Ordering::Acquire)
             && let Some(Ok(mut results)) = (self.inline)(std::slice::from_ref(&request))
         {
             publish_head(&self.head_tx, &results);
