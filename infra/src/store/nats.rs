@@ -6,10 +6,18 @@
 //! the subjects through the queue group `chartline-store`; every instance writes through
 //! the same database lock, so any number of them is safe.
 //!
+//! Concurrent appends from one client process travel together: while an append is in
+//! flight, the next ones are gathered (a few scheduler yields, no timer) and sent as one
+//! `append_many` request whose reply carries one result per append, so each caller
+//! still gets its own conflict or error. The service hands them to the store at once,
+//! where they join one group commit. A lone writer sends plain `append` requests.
+//!
 //! Client calls have bounded timeouts. A timeout leaves the outcome of an append
 //! unknown, which is why it maps to `Unavailable` and why retrying is safe: appends are
 //! idempotent by event id.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
@@ -17,7 +25,7 @@ use chartline_proto::{EventEnvelope, NewEvent, StreamId, TenantId, subjects};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
     AppendResult, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT, ReadScope, StoreError,
@@ -30,6 +38,12 @@ pub const QUEUE_GROUP: &str = "chartline-store";
 pub const ALL_TENANTS: &str = "_all";
 /// Replies stay under NATS' default 1 MiB max payload.
 const MAX_REPLY_BYTES: usize = 900 * 1024;
+/// Most appends one `append_many` request carries (the service rejects more).
+const MAX_APPENDS_PER_REQUEST: usize = 256;
+/// Scheduler yields without a new append after which a client batch is sent.
+const BATCH_YIELDS: u32 = 2;
+/// Longest a batch waits for the callers the last reply answered to come back.
+const BATCH_WAIT: Duration = Duration::from_micros(100);
 
 #[derive(Serialize, Deserialize)]
 struct AppendBody {
@@ -203,6 +217,36 @@ async fn handle<S: EventStore>(store: &S, root: &str, subject: &str, payload: &[
             }
             .await,
         ),
+        "append_many" => reply(
+            async {
+                let tenant = need_tenant()?;
+                let bodies: Vec<AppendBody> = parse_body(payload)?;
+                if bodies.len() > MAX_APPENDS_PER_REQUEST {
+                    return Err(StoreError::InvalidInput(format!(
+                        "{} appends in one request; at most {MAX_APPENDS_PER_REQUEST}",
+                        bodies.len()
+                    )));
+                }
+                // All enter the store's writer queue in this one poll, so they share a
+                // group commit; each keeps its own result.
+                let tenant = &tenant;
+                let results =
+                    futures::future::join_all(bodies.into_iter().map(|body| async move {
+                        store
+                            .append(tenant, &body.stream_id, body.expected, body.events)
+                            .await
+                    }))
+                    .await;
+                Ok(results
+                    .into_iter()
+                    .map(|result| match result {
+                        Ok(value) => Reply::Ok(value),
+                        Err(error) => Reply::Err(error),
+                    })
+                    .collect::<Vec<_>>())
+            }
+            .await,
+        ),
         "read_stream" => {
             let result = async {
                 let tenant = need_tenant()?;
@@ -266,6 +310,35 @@ pub struct NatsEventStore {
     client: async_nats::Client,
     timeout: Duration,
     root: String,
+    batcher: Arc<Batcher>,
+}
+
+/// Gathers a client's concurrent appends into `append_many` requests.
+#[derive(Default)]
+struct Batcher {
+    /// Appends of this client awaiting their reply.
+    in_flight: AtomicUsize,
+    /// The gathering task, started by the first append that finds another in flight.
+    queue: std::sync::OnceLock<mpsc::UnboundedSender<PendingAppend>>,
+    /// Callers answered by a batch reply that have not appended again yet: callers
+    /// answered together tend to come back together, so a batch waits for them.
+    returning: Arc<AtomicUsize>,
+}
+
+/// An append waiting for a batch: its tenant, its serialized body, its caller.
+struct PendingAppend {
+    tenant: String,
+    body: Vec<u8>,
+    reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+}
+
+/// Counts an append as in flight until dropped (also when its caller gives up).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl NatsEventStore {
@@ -274,6 +347,7 @@ impl NatsEventStore {
             client,
             timeout: Duration::from_secs(5),
             root: subjects::ROOT.to_string(),
+            batcher: Arc::default(),
         }
     }
 
@@ -293,12 +367,15 @@ impl NatsEventStore {
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        // Batches are sent with the settings of the store that gathers them.
+        self.batcher = Arc::default();
         self
     }
 
     /// Subject root of the store service to talk to (see [`serve`]).
     pub fn with_root(mut self, root: impl Into<String>) -> Self {
         self.root = root.into();
+        self.batcher = Arc::default();
         self
     }
 
@@ -312,7 +389,20 @@ impl NatsEventStore {
         operation: &str,
         body: &B,
     ) -> Result<T, StoreError> {
-        let subject = format!("{}.store.{tenant_token}.{operation}", self.root);
+        let payload = self.payload(body)?;
+        request(
+            &self.client,
+            &self.root,
+            self.timeout,
+            tenant_token,
+            operation,
+            payload,
+        )
+        .await
+    }
+
+    /// A request body, refused before it travels when NATS could not carry it.
+    fn payload<B: Serialize>(&self, body: &B) -> Result<Vec<u8>, StoreError> {
         let payload =
             serde_json::to_vec(body).map_err(|e| StoreError::InvalidInput(e.to_string()))?;
         let max_payload = self.client.server_info().max_payload;
@@ -322,36 +412,195 @@ impl NatsEventStore {
                 payload.len()
             )));
         }
-        let request = async_nats::Request::new()
-            .payload(payload.into())
-            .timeout(Some(self.timeout));
-        let message = self
-            .client
-            .send_request(subject, request)
-            .await
-            .map_err(|e| match e.kind() {
-                RequestErrorKind::NoResponders => {
-                    StoreError::Unavailable("no event store service is answering on NATS".into())
-                }
-                RequestErrorKind::TimedOut => StoreError::Unavailable(format!(
-                    "event store did not answer within {:?}; outcome unknown, retry with the same event ids",
-                    self.timeout
-                )),
-                _ => StoreError::Unavailable(format!("NATS request failed: {e}")),
-            })?;
-        match serde_json::from_slice::<Reply<T>>(&message.payload) {
-            Ok(Reply::Ok(value)) => Ok(value),
-            Ok(Reply::Err(error)) => Err(error),
-            Err(e) => Err(StoreError::Unavailable(format!(
-                "unreadable store reply: {e}"
-            ))),
-        }
+        Ok(payload)
+    }
+
+    /// The gathering task's queue, started on first use.
+    fn batch_queue(&self) -> &mpsc::UnboundedSender<PendingAppend> {
+        self.batcher.queue.get_or_init(|| {
+            let (queue, pending) = mpsc::unbounded_channel();
+            tokio::spawn(gather_appends(
+                self.client.clone(),
+                self.root.clone(),
+                self.timeout,
+                Arc::clone(&self.batcher.returning),
+                pending,
+            ));
+            queue
+        })
     }
 
     fn tenant_token(scope: &ReadScope) -> &str {
         match scope {
             ReadScope::Tenant(tenant) => tenant.as_str(),
             ReadScope::AllTenants => ALL_TENANTS,
+        }
+    }
+}
+
+/// One request/reply exchange with the store service.
+async fn request<T: DeserializeOwned>(
+    client: &async_nats::Client,
+    root: &str,
+    timeout: Duration,
+    tenant_token: &str,
+    operation: &str,
+    payload: Vec<u8>,
+) -> Result<T, StoreError> {
+    let subject = format!("{root}.store.{tenant_token}.{operation}");
+    let request = async_nats::Request::new()
+        .payload(payload.into())
+        .timeout(Some(timeout));
+    let message = client
+        .send_request(subject, request)
+        .await
+        .map_err(|e| match e.kind() {
+            RequestErrorKind::NoResponders => {
+                StoreError::Unavailable("no event store service is answering on NATS".into())
+            }
+            RequestErrorKind::TimedOut => StoreError::Unavailable(format!(
+                "event store did not answer within {timeout:?}; outcome unknown, retry with the same event ids"
+            )),
+            _ => StoreError::Unavailable(format!("NATS request failed: {e}")),
+        })?;
+    match serde_json::from_slice::<Reply<T>>(&message.payload) {
+        Ok(Reply::Ok(value)) => Ok(value),
+        Ok(Reply::Err(error)) => Err(error),
+        Err(e) => Err(StoreError::Unavailable(format!(
+            "unreadable store reply: {e}"
+        ))),
+    }
+}
+
+/// The client's gathering task: takes the appends waiting, lets the callers a reply
+/// answered come back (briefly, by yielding: they were woken together and are
+/// serializing their next append), and sends what it holds as one request per tenant,
+/// without waiting for the reply before gathering again.
+async fn gather_appends(
+    client: async_nats::Client,
+    root: String,
+    timeout: Duration,
+    returning: Arc<AtomicUsize>,
+    mut pending: mpsc::UnboundedReceiver<PendingAppend>,
+) {
+    while let Some(first) = pending.recv().await {
+        let mut gathered = vec![first];
+        let started = std::time::Instant::now();
+        let mut idle_yields = 0;
+        loop {
+            let before = gathered.len();
+            while let Ok(next) = pending.try_recv() {
+                gathered.push(next);
+            }
+            if gathered.len() == before {
+                idle_yields += 1;
+            }
+            if gathered.len() >= MAX_APPENDS_PER_REQUEST {
+                break;
+            }
+            if idle_yields > BATCH_YIELDS && returning.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if started.elapsed() >= BATCH_WAIT {
+                // Those still out are not coming back soon: stop expecting them.
+                returning.store(0, Ordering::Release);
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let max_payload = client.server_info().max_payload;
+        for batch in split_batches(gathered, max_payload) {
+            tokio::spawn(send_batch(
+                client.clone(),
+                root.clone(),
+                timeout,
+                Arc::clone(&returning),
+                batch,
+            ));
+        }
+    }
+}
+
+/// Groups appends by tenant, in arrival order, into requests NATS can carry.
+fn split_batches(gathered: Vec<PendingAppend>, max_payload: usize) -> Vec<Vec<PendingAppend>> {
+    let limit = if max_payload == 0 {
+        usize::MAX
+    } else {
+        max_payload
+    };
+    let mut batches: Vec<(usize, Vec<PendingAppend>)> = Vec::new();
+    let mut open: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for append in gathered {
+        // `[`, `]` and a comma per body.
+        let size = append.body.len() + 1;
+        let fits = open.get(&append.tenant).is_some_and(|&index| {
+            let (bytes, batch) = &batches[index];
+            batch.len() < MAX_APPENDS_PER_REQUEST && bytes + size < limit
+        });
+        if fits {
+            let index = open[&append.tenant];
+            batches[index].0 += size;
+            batches[index].1.push(append);
+        } else {
+            open.insert(append.tenant.clone(), batches.len());
+            batches.push((1 + size, vec![append]));
+        }
+    }
+    batches.into_iter().map(|(_, batch)| batch).collect()
+}
+
+/// Sends one batch (a lone append as a plain `append`) and answers each of its callers.
+async fn send_batch(
+    client: async_nats::Client,
+    root: String,
+    timeout: Duration,
+    returning: Arc<AtomicUsize>,
+    batch: Vec<PendingAppend>,
+) {
+    let tenant = batch[0].tenant.clone();
+    if batch.len() == 1 {
+        let PendingAppend { body, reply, .. } = batch.into_iter().next().expect("one append");
+        let result = request(&client, &root, timeout, &tenant, "append", body).await;
+        let _ = reply.send(result);
+        return;
+    }
+    let mut payload = Vec::with_capacity(batch.iter().map(|a| a.body.len() + 1).sum::<usize>() + 1);
+    payload.push(b'[');
+    let mut replies = Vec::with_capacity(batch.len());
+    for (index, append) in batch.into_iter().enumerate() {
+        if index > 0 {
+            payload.push(b',');
+        }
+        payload.extend_from_slice(&append.body);
+        replies.push(append.reply);
+    }
+    payload.push(b']');
+    let results: Result<Vec<Reply<AppendResult>>, StoreError> =
+        request(&client, &root, timeout, &tenant, "append_many", payload).await;
+    match results {
+        Ok(results) if results.len() == replies.len() => {
+            returning.fetch_add(replies.len(), Ordering::AcqRel);
+            for (reply, result) in replies.into_iter().zip(results) {
+                let _ = reply.send(match result {
+                    Reply::Ok(value) => Ok(value),
+                    Reply::Err(error) => Err(error),
+                });
+            }
+        }
+        Ok(results) => {
+            let error = StoreError::Unavailable(format!(
+                "the store answered {} of {} appends; outcome unknown, retry with the same event ids",
+                results.len(),
+                replies.len()
+            ));
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+        Err(error) => {
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
         }
     }
 }
@@ -366,16 +615,40 @@ impl EventStore for NatsEventStore {
     ) -> Result<AppendResult, StoreError> {
         // Same checks as the service, before anything travels.
         super::validate_append(tenant, &events, super::DEFAULT_MAX_EVENT_BYTES)?;
-        self.call(
-            tenant.as_str(),
-            "append",
-            &AppendBody {
-                stream_id: stream.clone(),
-                expected,
-                events,
-            },
-        )
-        .await
+        let body = self.payload(&AppendBody {
+            stream_id: stream.clone(),
+            expected,
+            events,
+        })?;
+        let others = self.batcher.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _in_flight = InFlight(&self.batcher.in_flight);
+        let returning = &self.batcher.returning;
+        // Alone, and not one of several callers a batch answered (the others are about
+        // to come back): nothing to gather, no hand-off.
+        if others == 0 && returning.load(Ordering::Acquire) == 0 {
+            return request(
+                &self.client,
+                &self.root,
+                self.timeout,
+                tenant.as_str(),
+                "append",
+                body,
+            )
+            .await;
+        }
+        let (reply, result) = oneshot::channel();
+        self.batch_queue()
+            .send(PendingAppend {
+                tenant: tenant.as_str().to_owned(),
+                body,
+                reply,
+            })
+            .map_err(|_| StoreError::Unavailable("the NATS append batcher stopped".into()))?;
+        // Back, and queued: only now may the gatherer stop waiting for this caller.
+        let _ = returning.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        result
+            .await
+            .map_err(|_| StoreError::Unavailable("the NATS append batcher stopped".into()))?
     }
 
     async fn read_stream(

@@ -51,6 +51,7 @@ backend_tests!(
     tenants_are_isolated,
     bad_input_is_rejected_and_changes_nothing,
     concurrent_writers_on_one_stream_get_exactly_one_winner_per_version,
+    concurrent_appends_keep_their_own_outcomes,
     subscription_catches_up_then_goes_live_without_gap_or_duplicate,
     old_schema_versions_are_upcast_on_read_but_verify_on_stored_bytes,
 );

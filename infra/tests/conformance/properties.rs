@@ -450,6 +450,129 @@ pub async fn concurrent_writers_on_one_stream_get_exactly_one_winner_per_version
     );
 }
 
+/// What one append of a burst should end as.
+#[derive(Debug)]
+enum Expect {
+    Stored(u64),
+    Conflict,
+    UnknownTenant,
+    Deduplicated(u64),
+    EventIdReused,
+}
+
+/// A burst of concurrent appends (grouped into one commit directly; sent together as
+/// `append_many` requests over NATS) still gives every caller its own outcome: a
+/// conflict, an unknown tenant, a retry or a reused id fails or deduplicates only that
+/// append, the others are stored exactly once.
+pub async fn concurrent_appends_keep_their_own_outcomes<S: EventStore>(store: S) {
+    let (tenant_a, stream_a) = seeded_stream(&store, 2).await;
+    let tenant_b = tenant("clinic-b");
+    store.ensure_tenant(&tenant_b).await.unwrap();
+    let stored_batch = events(&tenant_a, 2);
+    let stored = store
+        .append(
+            &tenant_a,
+            &new_stream(),
+            ExpectedVersion::NoStream,
+            stored_batch.clone(),
+        )
+        .await
+        .unwrap();
+    for round in 0..3u64 {
+        let before = event_count(&store).await;
+        let mut burst: Vec<(TenantId, StreamId, ExpectedVersion, Vec<NewEvent>, Expect)> =
+            Vec::new();
+        for n in 0..16 {
+            let count = 1 + n % 3;
+            burst.push((
+                tenant_a.clone(),
+                new_stream(),
+                ExpectedVersion::NoStream,
+                events(&tenant_a, count),
+                Expect::Stored(count),
+            ));
+        }
+        for _ in 0..4 {
+            burst.push((
+                tenant_b.clone(),
+                new_stream(),
+                ExpectedVersion::NoStream,
+                events(&tenant_b, 1),
+                Expect::Stored(1),
+            ));
+        }
+        burst.push((
+            tenant_a.clone(),
+            stream_a.clone(),
+            ExpectedVersion::Exact(1),
+            events(&tenant_a, 1),
+            Expect::Conflict,
+        ));
+        burst.push((
+            tenant_unknown(),
+            new_stream(),
+            ExpectedVersion::NoStream,
+            events(&tenant_unknown(), 1),
+            Expect::UnknownTenant,
+        ));
+        burst.push((
+            tenant_a.clone(),
+            stored.stream_id.clone(),
+            ExpectedVersion::NoStream,
+            stored_batch.clone(),
+            Expect::Deduplicated(stored.first_position),
+        ));
+        let mut reused = stored_batch[0].clone();
+        reused.data = json!({ "n": 1000 + round });
+        burst.push((
+            tenant_a.clone(),
+            new_stream(),
+            ExpectedVersion::NoStream,
+            vec![reused],
+            Expect::EventIdReused,
+        ));
+        let tasks: Vec<_> = burst
+            .into_iter()
+            .map(|(tenant, stream, expected, batch, expect)| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let result = store.append(&tenant, &stream, expected, batch).await;
+                    (result, expect)
+                })
+            })
+            .collect();
+        let mut new_events = 0;
+        let mut positions = HashSet::new();
+        for task in tasks {
+            let (result, expect) = task.await.unwrap();
+            match (&expect, result) {
+                (Expect::Stored(count), Ok(result)) => {
+                    assert!(!result.deduplicated);
+                    assert_eq!(result.last_position - result.first_position + 1, *count);
+                    assert_eq!((result.first_version, result.last_version), (1, *count));
+                    for position in result.first_position..=result.last_position {
+                        assert!(positions.insert(position), "position {position} twice");
+                    }
+                    new_events += count;
+                }
+                (Expect::Conflict, Err(StoreError::Conflict { actual, .. })) => {
+                    assert_eq!(actual, Some(2));
+                }
+                (Expect::UnknownTenant, Err(StoreError::UnknownTenant(_))) => {}
+                (Expect::Deduplicated(first), Ok(result)) => {
+                    assert!(result.deduplicated);
+                    assert_eq!(result.first_position, *first);
+                }
+                (Expect::EventIdReused, Err(StoreError::EventIdReused(_))) => {}
+                (expect, result) => panic!("round {round}: {expect:?} but got {result:?}"),
+            }
+        }
+        assert_eq!(event_count(&store).await, before + new_events);
+    }
+    let report = store.verify_all(&ReadScope::AllTenants).await.unwrap();
+    assert!(report.is_intact());
+}
+
 pub async fn subscription_catches_up_then_goes_live_without_gap_or_duplicate<S: EventStore>(
     store: S,
 ) {
