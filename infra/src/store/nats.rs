@@ -535,7 +535,7 @@ fn split_batches(gathered: Vec<PendingAppend>, max_payload: usize) -> Vec<Vec<Pe
         let size = append.body.len() + 1;
         let fits = open.get(&append.tenant).is_some_and(|&index| {
             let (bytes, batch) = &batches[index];
-            batch.len() < MAX_APPENDS_PER_REQUEST && bytes + size < limit
+            batch.len() < MAX_APPENDS_PER_REQUEST && bytes + size <= limit
         });
         if fits {
             let index = open[&append.tenant];
@@ -748,5 +748,75 @@ impl EventStore for NatsEventStore {
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
         self.call(ALL_TENANTS, "stats", &()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(tenant: &str, bytes: usize) -> PendingAppend {
+        PendingAppend {
+            tenant: tenant.into(),
+            body: vec![b'x'; bytes],
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn shape(batches: &[Vec<PendingAppend>]) -> Vec<(String, Vec<usize>)> {
+        batches
+            .iter()
+            .map(|batch| {
+                (
+                    batch[0].tenant.clone(),
+                    batch.iter().map(|a| a.body.len()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_group_by_tenant_in_arrival_order() {
+        let gathered = vec![
+            pending("a", 1),
+            pending("b", 2),
+            pending("a", 3),
+            pending("b", 4),
+            pending("a", 5),
+        ];
+        let batches = split_batches(gathered, 1024);
+        assert_eq!(
+            shape(&batches),
+            vec![("a".into(), vec![1, 3, 5]), ("b".into(), vec![2, 4])]
+        );
+    }
+
+    #[test]
+    fn a_batch_stays_under_the_max_payload_with_its_brackets_and_commas() {
+        // `[` + 30 + `,` + 30 + `,` + 30 + `]` = 94 bytes: three fit, a fourth does not.
+        let gathered = (0..4).map(|_| pending("a", 30)).collect();
+        let batches = split_batches(gathered, 94);
+        assert_eq!(
+            shape(&batches),
+            vec![("a".into(), vec![30, 30, 30]), ("a".into(), vec![30])]
+        );
+        let payload = |batch: &Vec<PendingAppend>| {
+            2 + batch.iter().map(|a| a.body.len()).sum::<usize>() + batch.len() - 1
+        };
+        assert!(batches.iter().all(|batch| payload(batch) <= 94));
+        // 0 means the server announced no limit.
+        assert_eq!(
+            split_batches((0..4).map(|_| pending("a", 30)).collect(), 0).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_batch_carries_at_most_the_appends_the_service_accepts() {
+        let gathered = (0..MAX_APPENDS_PER_REQUEST + 3)
+            .map(|_| pending("a", 1))
+            .collect();
+        let sizes: Vec<usize> = split_batches(gathered, 0).iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![MAX_APPENDS_PER_REQUEST, 3]);
     }
 }
