@@ -7,7 +7,7 @@
 //! the same database lock, so any number of them is safe.
 //!
 //! Concurrent appends from one client process travel together: while an append is in
-//! flight, the next ones are gathered (a few scheduler yields, no timer) and sent as one
+//! flight, the next ones are gathered (scheduler yields, at most 100 µs) and sent as one
 //! `append_many` request whose reply carries one result per append, so each caller
 //! still gets its own conflict or error. The service hands them to the store at once,
 //! where they join one group commit. A lone writer sends plain `append` requests.
@@ -84,6 +84,24 @@ struct Page {
 enum Reply<T> {
     Ok(T),
     Err(StoreError),
+}
+
+impl<T> From<Result<T, StoreError>> for Reply<T> {
+    fn from(result: Result<T, StoreError>) -> Self {
+        match result {
+            Ok(value) => Reply::Ok(value),
+            Err(error) => Reply::Err(error),
+        }
+    }
+}
+
+impl<T> Reply<T> {
+    fn into_result(self) -> Result<T, StoreError> {
+        match self {
+            Reply::Ok(value) => Ok(value),
+            Reply::Err(error) => Err(error),
+        }
+    }
 }
 
 /// Serves a store over NATS until `shutdown` resolves; in-flight requests finish.
@@ -201,10 +219,7 @@ async fn handle<S: EventStore>(store: &S, root: &str, subject: &str, payload: &[
             .ok_or_else(|| StoreError::InvalidInput(format!("{operation} needs a tenant")))
     };
     fn reply<T: Serialize>(result: Result<T, StoreError>) -> Vec<u8> {
-        encode(match result {
-            Ok(value) => Reply::Ok(value),
-            Err(error) => Reply::Err(error),
-        })
+        encode(Reply::from(result))
     }
     match *operation {
         "append" => reply(
@@ -237,13 +252,7 @@ async fn handle<S: EventStore>(store: &S, root: &str, subject: &str, payload: &[
                             .await
                     }))
                     .await;
-                Ok(results
-                    .into_iter()
-                    .map(|result| match result {
-                        Ok(value) => Reply::Ok(value),
-                        Err(error) => Reply::Err(error),
-                    })
-                    .collect::<Vec<_>>())
+                Ok(results.into_iter().map(Reply::from).collect::<Vec<_>>())
             }
             .await,
         ),
@@ -322,6 +331,8 @@ struct Batcher {
     queue: std::sync::OnceLock<mpsc::UnboundedSender<PendingAppend>>,
     /// Callers answered by a batch reply that have not appended again yet: callers
     /// answered together tend to come back together, so a batch waits for them.
+    /// Shared with the gathering task, which must not hold the queue's sender (the task
+    /// ends when the last clone of the store drops it).
     returning: Arc<AtomicUsize>,
 }
 
@@ -463,13 +474,9 @@ async fn request<T: DeserializeOwned>(
             )),
             _ => StoreError::Unavailable(format!("NATS request failed: {e}")),
         })?;
-    match serde_json::from_slice::<Reply<T>>(&message.payload) {
-        Ok(Reply::Ok(value)) => Ok(value),
-        Ok(Reply::Err(error)) => Err(error),
-        Err(e) => Err(StoreError::Unavailable(format!(
-            "unreadable store reply: {e}"
-        ))),
-    }
+    serde_json::from_slice::<Reply<T>>(&message.payload)
+        .map_err(|e| StoreError::Unavailable(format!("unreadable store reply: {e}")))?
+        .into_result()
 }
 
 /// The client's gathering task: takes the appends waiting, lets the callers a reply
@@ -581,10 +588,7 @@ async fn send_batch(
         Ok(results) if results.len() == replies.len() => {
             returning.fetch_add(replies.len(), Ordering::AcqRel);
             for (reply, result) in replies.into_iter().zip(results) {
-                let _ = reply.send(match result {
-                    Reply::Ok(value) => Ok(value),
-                    Reply::Err(error) => Err(error),
-                });
+                let _ = reply.send(result.into_result());
             }
         }
         Ok(results) => {
