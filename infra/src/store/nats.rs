@@ -540,17 +540,19 @@ fn split_batches(gathered: Vec<PendingAppend>, max_payload: usize) -> Vec<Vec<Pe
     for append in gathered {
         // `[`, `]` and a comma per body.
         let size = append.body.len() + 1;
-        let fits = open.get(&append.tenant).is_some_and(|&index| {
+        let fitting = open.get(&append.tenant).copied().filter(|&index| {
             let (bytes, batch) = &batches[index];
             batch.len() < MAX_APPENDS_PER_REQUEST && bytes + size <= limit
         });
-        if fits {
-            let index = open[&append.tenant];
-            batches[index].0 += size;
-            batches[index].1.push(append);
-        } else {
-            open.insert(append.tenant.clone(), batches.len());
-            batches.push((1 + size, vec![append]));
+        match fitting {
+            Some(index) => {
+                batches[index].0 += size;
+                batches[index].1.push(append);
+            }
+            None => {
+                open.insert(append.tenant.clone(), batches.len());
+                batches.push((1 + size, vec![append]));
+            }
         }
     }
     batches.into_iter().map(|(_, batch)| batch).collect()

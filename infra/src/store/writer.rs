@@ -517,10 +517,8 @@ fn publish_head(head_tx: &watch::Sender<u64>, results: &[Result<AppendResult, St
 
 /// Most events one group transaction carries (keeps transactions short).
 const MAX_GROUP_EVENTS: usize = 5_000;
-/// Yields without a new request after which a group stops waiting on the spot.
-const GROUP_YIELDS: u32 = 3;
-/// Longest a group waits, after those yields, for the requests it expects (the timer's
-/// resolution is 1 ms, so this is the shortest bounded wait tokio offers).
+/// Longest a group waits for the requests it expects (the timer's resolution is 1 ms,
+/// so this is the shortest bounded wait tokio offers).
 const GROUP_WAIT: Duration = Duration::from_millis(1);
 /// Transient failures of a whole group are retried this many times before callers see
 /// `Unavailable` (the transaction rolled back, so retrying is safe).
@@ -564,28 +562,14 @@ impl Writer {
                     };
                 drain(&mut batch, &mut events, &mut receiver);
                 gathering.store(true, Ordering::Release);
-                // Adaptive group commit: the callers just answered are still on their way
-                // back (woken, not yet run). Yielding lets them enqueue into this group
-                // instead of each paying a commit of its own; it costs microseconds, and
-                // nothing when a lone writer is alone (expected group of 1).
-                let mut idle_yields = 0;
-                while batch.len() < expected
-                    && events < MAX_GROUP_EVENTS
-                    && idle_yields < GROUP_YIELDS
-                {
-                    tokio::task::yield_now().await;
-                    let before = batch.len();
-                    drain(&mut batch, &mut events, &mut receiver);
-                    if batch.len() == before {
-                        idle_yields += 1;
-                    }
-                }
-                // Callers farther away (a client of the store service over NATS) need a
-                // round trip to come back. Without this wait they split into two cohorts
-                // that take turns, each arriving while the other commits, so every commit
-                // carries half the events it could. The wait is bounded, and a group that
-                // falls short lowers the next expectation, so callers that do not come
-                // back cost it once.
+                // Adaptive group commit: wait, bounded, for the requests this group expects.
+                // In-process callers just answered are woken but not yet run; waiting on
+                // the queue lets them run and enqueue into this group instead of each
+                // paying a commit of its own. Callers farther away (a client of the store
+                // service over NATS) need a round trip: without the wait they split into
+                // two cohorts that take turns, each arriving while the other commits. A
+                // group that falls short lowers the next expectation, so callers that do
+                // not come back cost it once; a lone writer (expected 1) never waits.
                 if batch.len() < expected && events < MAX_GROUP_EVENTS {
                     let deadline = tokio::time::sleep(GROUP_WAIT);
                     tokio::pin!(deadline);
@@ -657,8 +641,8 @@ impl Writer {
             events,
             reply,
         };
-        // Nobody queued for the writer task nor waiting in it: commit on this thread if the backend can
-        // without waiting, saving two task hand-offs. A group failure (nothing written)
+        // Nobody queued for the writer task nor waiting in it: commit on this thread if
+        // the backend can without waiting, saving two task hand-offs. A group failure (nothing written)
         // goes on to the task, which retries transient ones.
         if self.sender.capacity() == self.sender.max_capacity()
             && !self.gathering.load(Ordering::Acquire)
