@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::writer::{
     AppendRequest, BatchCommitter, FromEventRow, Loaded, Plan, Speculation, StoredEvent, StreamRow,
-    WriteCache, Writer, envelope_from_columns, is_stale_speculation, keys, plan_loaded,
+    WriteCache, Writer, envelope_from_columns, keys, plan_loaded,
 };
 use super::{
     AppendResult, DEFAULT_MAX_EVENT_BYTES, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT,
@@ -48,6 +48,13 @@ fn migrator() -> Migrator {
             include_str!("../../migrations/postgres/0002_append_group.sql").into_sql_str(),
             false,
         ),
+        Migration::new(
+            3,
+            "stream registry".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/postgres/0003_stream_registry.sql").into_sql_str(),
+            false,
+        ),
     ])
 }
 
@@ -64,8 +71,26 @@ struct PostgresCommitter {
     cache: Mutex<WriteCache>,
 }
 
-/// SQLSTATE raised by `chartline_append_group` when the writer's cache was stale.
-const STALE_SPECULATION: &str = "CLSTA";
+/// A group's writes as ONE statement, so a speculated append costs one round trip and
+/// one implicit transaction: the write lock, the events, the registry rows of the
+/// streams it creates, and the notification that wakes live subscribers in other
+/// processes (`LISTEN chartline_events`). Both inserts read from `write_lock`, so the
+/// lock is held before the first row is written. A unique violation fails the whole
+/// statement and means "what the writer assumed is stale" (see `WriteCache`).
+const APPEND_GROUP: &str = "WITH write_lock AS (SELECT pg_advisory_xact_lock($1)), \
+     appended AS (INSERT INTO events (global_position, event_id, tenant_id, stream_id, stream_version, \
+     event_type, schema_version, data, metadata, recorded_at, prev_hash, hash) \
+     SELECT e.* FROM write_lock, UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[], \
+     $7::text[], $8::int[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[]) AS e), \
+     registered AS (INSERT INTO streams (stream_id, tenant_id, category) \
+     SELECT s.* FROM write_lock, UNNEST($14::text[], $15::text[], $16::text[]) AS s) \
+     SELECT pg_notify('chartline_events', $17)";
+
+/// True when a failed speculative commit only means "the cache was stale": a position,
+/// stream version, stream or event id the plan assumed free already exists.
+fn is_stale_speculation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
+}
 
 impl PostgresStore {
     /// Connects to a `postgres://` URL and runs migrations.
@@ -191,7 +216,7 @@ impl BatchCommitter for PostgresCommitter {
                     return Ok(plan.replies);
                 }
                 // Someone else wrote, or ids were already stored: decide from loaded state.
-                Err(error) if is_stale_speculation(&error, STALE_SPECULATION) => {}
+                Err(error) if is_stale_speculation(&error) => {}
                 Err(error) => {
                     self.cache.lock().expect("write cache lock").forget();
                     return Err(error.into());
@@ -218,41 +243,10 @@ impl BatchCommitter for PostgresCommitter {
 type LoadedCommit = (Plan, u64, HashSet<String>, HashMap<String, StreamRow>);
 
 impl PostgresCommitter {
-    /// The fast path: the plan made from the cache, proved and written by one statement
-    /// (`chartline_append_group`, migration 0002) in one implicit transaction.
+    /// The fast path: the plan made from the cache, written by one statement in one
+    /// implicit transaction and proved by its unique constraints (`WriteCache`).
     async fn commit_speculation(&self, speculation: &Speculation) -> Result<(), sqlx::Error> {
-        let rows = &speculation.plan.rows;
-        let streams = &speculation.plan.streams;
-        let assumed = &speculation.assumed_streams;
-        sqlx::query(
-            "SELECT chartline_append_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-             $15, $16, $17, $18, $19, $20, $21, $22)",
-        )
-        .bind(WRITE_LOCK_KEY)
-        .bind(speculation.head as i64)
-        .bind(assumed.iter().map(|a| a.0.as_str()).collect::<Vec<_>>())
-        .bind(assumed.iter().map(|a| a.1 as i64).collect::<Vec<_>>())
-        .bind(assumed.iter().map(|a| a.2.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.global_position as i64).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.stream_id.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.stream_version as i64).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.event_type.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.schema_version as i32).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.data.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.metadata.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.recorded_at.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.prev_hash.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.hash.as_str()).collect::<Vec<_>>())
-        .bind(streams.iter().map(|s| s.stream_id.as_str()).collect::<Vec<_>>())
-        .bind(streams.iter().map(|s| s.tenant.as_str()).collect::<Vec<_>>())
-        .bind(streams.iter().map(|s| s.category.as_str()).collect::<Vec<_>>())
-        .bind(streams.iter().map(|s| s.version as i64).collect::<Vec<_>>())
-        .bind(streams.iter().map(|s| s.last_hash.as_str()).collect::<Vec<_>>())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        append_group(&self.pool, &speculation.plan).await
     }
 
     /// The loading path: lock, load everything the group touches, plan, write, commit.
@@ -278,8 +272,12 @@ impl PostgresCommitter {
                 .into_iter()
                 .collect();
         let mut stream_rows = HashMap::new();
+        // The registry says who owns a stream; its newest event, its version and hash.
         for row in sqlx::query(
-            "SELECT stream_id, tenant_id, version, last_hash FROM streams WHERE stream_id = ANY($1)",
+            "SELECT s.stream_id, s.tenant_id, e.stream_version AS version, e.hash AS last_hash \
+             FROM streams s CROSS JOIN LATERAL (SELECT stream_version, hash FROM events \
+             WHERE events.stream_id = s.stream_id ORDER BY stream_version DESC LIMIT 1) e \
+             WHERE s.stream_id = ANY($1)",
         )
         .bind(&streams)
         .fetch_all(&mut *tx)
@@ -330,45 +328,7 @@ impl PostgresCommitter {
         );
 
         if !planned.rows.is_empty() {
-            let rows = &planned.rows;
-            sqlx::query(
-                "INSERT INTO events (global_position, event_id, tenant_id, stream_id, stream_version, event_type, \
-                 schema_version, data, metadata, recorded_at, prev_hash, hash) \
-                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], \
-                 $7::int[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])",
-            )
-            .bind(rows.iter().map(|r| r.global_position as i64).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.stream_id.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.stream_version as i64).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.event_type.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.schema_version as i32).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.data.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.metadata.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.recorded_at.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.prev_hash.as_str()).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.hash.as_str()).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-            let streams = &planned.streams;
-            sqlx::query(
-                "INSERT INTO streams (stream_id, tenant_id, category, version, last_hash) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[]) \
-                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, last_hash = excluded.last_hash",
-            )
-            .bind(streams.iter().map(|s| s.stream_id.as_str()).collect::<Vec<_>>())
-            .bind(streams.iter().map(|s| s.tenant.as_str()).collect::<Vec<_>>())
-            .bind(streams.iter().map(|s| s.category.as_str()).collect::<Vec<_>>())
-            .bind(streams.iter().map(|s| s.version as i64).collect::<Vec<_>>())
-            .bind(streams.iter().map(|s| s.last_hash.as_str()).collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
-            // Wakes live subscribers in other processes (LISTEN chartline_events).
-            sqlx::query("SELECT pg_notify('chartline_events', $1)")
-                .bind((rows.last().map_or(0, |r| r.global_position)).to_string())
-                .execute(&mut *tx)
-                .await?;
+            append_group(&mut *tx, &planned).await?;
         }
         tx.commit().await?;
         Ok((
@@ -378,6 +338,64 @@ impl PostgresCommitter {
             loaded_streams,
         ))
     }
+}
+
+/// Writes a plan's events and new streams with [`APPEND_GROUP`].
+async fn append_group<'e, E>(executor: E, plan: &Plan) -> Result<(), sqlx::Error>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    let rows = &plan.rows;
+    let created = || plan.streams.iter().filter(|s| s.created);
+    sqlx::query(APPEND_GROUP)
+        .bind(WRITE_LOCK_KEY)
+        .bind(
+            rows.iter()
+                .map(|r| r.global_position as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.stream_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.stream_version as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.event_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.schema_version as i32)
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.data.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.metadata.as_str()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.recorded_at.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.prev_hash.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.hash.as_str()).collect::<Vec<_>>())
+        .bind(created().map(|s| s.stream_id.as_str()).collect::<Vec<_>>())
+        .bind(created().map(|s| s.tenant.as_str()).collect::<Vec<_>>())
+        .bind(created().map(|s| s.category.as_str()).collect::<Vec<_>>())
+        .bind(rows.last().map_or(0, |r| r.global_position).to_string())
+        .execute(executor)
+        .await?;
+    Ok(())
 }
 
 impl EventStore for PostgresStore {

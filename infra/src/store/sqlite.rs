@@ -44,13 +44,22 @@ use super::{
 };
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "event store".into(),
-        MigrationType::Simple,
-        include_str!("../../migrations/sqlite/0001_event_store.sql").into_sql_str(),
-        false,
-    )])
+    Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            "event store".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0001_event_store.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            2,
+            "stream registry".into(),
+            MigrationType::Simple,
+            include_str!("../../migrations/sqlite/0002_stream_registry.sql").into_sql_str(),
+            false,
+        ),
+    ])
 }
 
 #[derive(Clone)]
@@ -695,12 +704,13 @@ impl From<StoreError> for LoadedError {
 const INSERT_EVENT: &str = "INSERT INTO events (global_position, event_id, tenant_id, stream_id, \
      stream_version, event_type, schema_version, data, metadata, recorded_at, prev_hash, hash) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
-const UPSERT_STREAM: &str = "INSERT INTO streams (stream_id, tenant_id, category, version, last_hash) \
-     VALUES (?1, ?2, ?3, ?4, ?5) \
-     ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, last_hash = excluded.last_hash";
+/// A created stream's registry row (migration 0002: written once, never updated).
+const REGISTER_STREAM: &str =
+    "INSERT INTO streams (stream_id, tenant_id, category) VALUES (?1, ?2, ?3)";
 
-/// Writes a plan's rows inside the caller's transaction (one cached statement per row:
-/// in-process SQLite has no round trip to save by batching VALUES).
+/// Writes a plan's rows and the registry rows of the streams it creates inside the
+/// caller's transaction (one cached statement per row: in-process SQLite has no round
+/// trip to save by batching VALUES).
 fn write_plan(
     connection: &rusqlite::Connection,
     rows: &[EventRow],
@@ -723,14 +733,12 @@ fn write_plan(
             row.hash,
         ])?;
     }
-    let mut upsert = connection.prepare_cached(UPSERT_STREAM)?;
-    for update in streams {
-        upsert.execute(rusqlite::params![
+    let mut register = connection.prepare_cached(REGISTER_STREAM)?;
+    for update in streams.iter().filter(|s| s.created) {
+        register.execute(rusqlite::params![
             update.stream_id,
             update.tenant,
             update.category,
-            update.version as i64,
-            update.last_hash,
         ])?;
     }
     Ok(())
@@ -739,8 +747,8 @@ fn write_plan(
 /// The fast path: the plan made from the cache, written in one `BEGIN IMMEDIATE`
 /// transaction with no reads. The speculation is proved by the unique constraints: the
 /// cache never runs ahead of the database, so if another process wrote, the first
-/// assumed-free position or stream version (or a reused event id) already exists and the
-/// insert fails; the transaction rolls back and the group is planned from loaded state.
+/// assumed-free position, stream version or new stream (or a reused event id) already
+/// exists and the insert fails; the transaction rolls back and the group is planned from loaded state.
 fn commit_speculation(
     connection: &rusqlite::Connection,
     speculation: &Speculation,
@@ -774,8 +782,11 @@ fn commit_loaded(
 
     let mut stream_rows = HashMap::new();
     {
+        // The registry says who owns a stream; its newest event, its version and hash.
         let mut query = tx.prepare_cached(
-            "SELECT tenant_id, version, last_hash FROM streams WHERE stream_id = ?1",
+            "SELECT s.tenant_id, e.stream_version, e.hash FROM streams s \
+             JOIN events e ON e.stream_id = s.stream_id \
+             WHERE s.stream_id = ?1 ORDER BY e.stream_version DESC LIMIT 1",
         )?;
         for stream in streams {
             let mut rows = query.query([&stream])?;

@@ -67,7 +67,9 @@ pub(crate) struct EventRow {
     pub hash: String,
 }
 
-/// Stream rows to insert or update.
+/// A stream's state after a plan. Only a `created` stream is written (its row in the
+/// streams registry); version and last hash are remembered by the writer's cache, and
+/// the database keeps them in the stream's newest event.
 #[derive(Debug, Clone)]
 pub(crate) struct StreamUpdate {
     pub stream_id: String,
@@ -75,6 +77,8 @@ pub(crate) struct StreamUpdate {
     pub category: String,
     pub version: u64,
     pub last_hash: String,
+    /// The plan writes the stream's first event: the stream needs its registry row.
+    pub created: bool,
 }
 
 pub(crate) struct Plan {
@@ -132,7 +136,8 @@ pub(crate) fn plan(
 ) -> Plan {
     let recorded_at_text = canonical_time(recorded_at);
     let mut rows = Vec::new();
-    let mut touched: Vec<String> = Vec::new();
+    // Streams the plan writes to, in first-touch order, and whether the plan creates them.
+    let mut touched: Vec<(String, bool)> = Vec::new();
     let mut replies = Vec::with_capacity(batch.len());
     let mut next_position = loaded.next_position;
 
@@ -264,8 +269,8 @@ pub(crate) fn plan(
                     last_hash: prev_hash,
                 },
             );
-            if !touched.iter().any(|s| s == stream_key) {
-                touched.push(stream_key.to_owned());
+            if !touched.iter().any(|(s, _)| s == stream_key) {
+                touched.push((stream_key.to_owned(), first_version == 1));
             }
             for (offset, event) in request.events.iter().enumerate() {
                 planned_ids.insert(
@@ -292,7 +297,7 @@ pub(crate) fn plan(
 
     let streams = touched
         .into_iter()
-        .map(|stream_id| {
+        .map(|(stream_id, created)| {
             let row = &loaded.streams[&stream_id];
             let category = stream_id
                 .split_once('-')
@@ -304,6 +309,7 @@ pub(crate) fn plan(
                 last_hash: row.last_hash.clone(),
                 category,
                 stream_id,
+                created,
             }
         })
         .collect();
@@ -330,12 +336,14 @@ pub(crate) fn plan_loaded(
 /// database first.
 ///
 /// The cache is a *speculation*, never trusted on its own: a backend commits a plan made
-/// from it only inside a transaction that proves the speculation still holds (head
-/// position unchanged, every stream at the cached version and hash, no event id stored
-/// yet — by explicit checks or by unique constraints). Anything else — another process
-/// wrote, a stream was evicted, a retry re-sends stored ids — rolls that attempt back and
-/// the group is planned again from state loaded inside the transaction, exactly as
-/// without the cache. Conflicts, idempotent replays and unknown tenants are therefore
+/// from it only in a transaction whose unique constraints prove it still holds. The
+/// cache never runs ahead of the database (it learns only what committed), so if any
+/// other writer appended since, the first position the plan assumed free is taken; a
+/// stream that moved on has the assumed next version taken; a stream assumed new has its
+/// registry row and version 1 taken; a stored event id is taken. Any of these fails the
+/// whole transaction — another process wrote, a stream was evicted, a retry re-sends
+/// stored ids — and the group is planned again from state loaded inside a transaction,
+/// exactly as without the cache. Conflicts, idempotent replays and unknown tenants are therefore
 /// always decided from loaded state, never from the cache.
 #[derive(Default)]
 pub(crate) struct WriteCache {
@@ -350,13 +358,11 @@ pub(crate) struct WriteCache {
 /// fallback to the loading path, never a wrong answer).
 const MAX_CACHED_STREAMS: usize = 100_000;
 
-/// A plan made from the cache, with the pre-state it assumed for each stream.
+/// A plan made from the cache.
 pub(crate) struct Speculation {
     pub plan: Plan,
     /// Head position assumed (positions start at `head + 1`).
     pub head: u64,
-    /// (stream id, version or 0 when new, last hash or "" when new) for every stream.
-    pub assumed_streams: Vec<(String, u64, String)>,
 }
 
 impl WriteCache {
@@ -374,23 +380,14 @@ impl WriteCache {
         {
             return None;
         }
+        // A stream absent from the cache is assumed new.
         let mut streams = HashMap::with_capacity(batch.len());
-        let mut assumed_streams = Vec::with_capacity(batch.len());
         for request in batch {
             let key = request.stream.as_str();
-            if streams.contains_key(key)
-                || assumed_streams
-                    .iter()
-                    .any(|(s, _, _): &(String, u64, String)| s == key)
+            if !streams.contains_key(key)
+                && let Some(row) = self.streams.get(key)
             {
-                continue;
-            }
-            match self.streams.get(key) {
-                Some(row) => {
-                    assumed_streams.push((key.to_owned(), row.version, row.last_hash.clone()));
-                    streams.insert(key.to_owned(), row.clone());
-                }
-                None => assumed_streams.push((key.to_owned(), 0, String::new())),
+                streams.insert(key.to_owned(), row.clone());
             }
         }
         let known_tenants = batch.iter().map(|r| r.tenant.to_string()).collect();
@@ -408,11 +405,7 @@ impl WriteCache {
             .replies
             .iter()
             .all(|r| r.as_ref().is_ok_and(|r| !r.deduplicated));
-        clean.then_some(Speculation {
-            plan,
-            head,
-            assumed_streams,
-        })
+        clean.then_some(Speculation { plan, head })
     }
 
     /// Records a committed plan. `loaded` is the pre-state the plan was made from when it
@@ -449,18 +442,6 @@ impl WriteCache {
     /// Forgets everything (after an error whose effect on the database is unknown).
     pub fn forget(&mut self) {
         *self = WriteCache::default();
-    }
-}
-
-/// True when a failed speculative commit only means "the cache was stale": a unique
-/// violation (an event id, position or stream version that already exists) or the
-/// backend's own stale-state signal.
-pub(crate) fn is_stale_speculation(error: &sqlx::Error, stale_code: &str) -> bool {
-    match error {
-        sqlx::Error::Database(db) => {
-            db.is_unique_violation() || db.code().as_deref() == Some(stale_code)
-        }
-        _ => false,
     }
 }
 

@@ -35,18 +35,30 @@ impl Drop for Guard {
 }
 
 pub async fn sqlite_store() -> (SqliteStore, Guard) {
+    let (store, guard, _) = sqlite_store_with_url().await;
+    (store, guard)
+}
+
+async fn sqlite_store_with_url() -> (SqliteStore, Guard, String) {
     let dir = std::env::temp_dir().join(format!("chartline_t_{}", Uuid::new_v4().simple()));
-    let path = dir.join("events.db");
-    let store = SqliteStore::open(&format!("sqlite://{}", path.display()))
-        .await
-        .expect("open SQLite store");
+    let url = format!("sqlite://{}", dir.join("events.db").display());
+    let store = SqliteStore::open(&url).await.expect("open SQLite store");
     let guard = Guard {
         cleanup: Some(Box::new(move || {
             let _ = std::fs::remove_dir_all(dir);
         })),
         _service: None,
     };
-    (store, guard)
+    (store, guard, url)
+}
+
+/// Two SQLite stores on one temporary file: two processes sharing the embedded store.
+pub async fn sqlite_store_pair() -> (SqliteStore, SqliteStore, Guard) {
+    let (first, guard, url) = sqlite_store_with_url().await;
+    let second = SqliteStore::open(&url)
+        .await
+        .expect("open a second SQLite store on the same file");
+    (first, second, guard)
 }
 
 /// Creates an empty database and returns its URL.
@@ -100,6 +112,22 @@ pub async fn postgres_store() -> (PostgresStore, Guard) {
         _service: None,
     };
     (store, guard)
+}
+
+/// Two PostgreSQL stores on one fresh database: two store service instances.
+pub async fn postgres_store_pair() -> (PostgresStore, PostgresStore, Guard) {
+    let (url, name) = fresh_pg_database().await;
+    let first = PostgresStore::open(&url)
+        .await
+        .expect("open PostgreSQL store");
+    let second = PostgresStore::open(&url)
+        .await
+        .expect("open a second PostgreSQL store on the same database");
+    let guard = Guard {
+        cleanup: Some(drop_database_later(name)),
+        _service: None,
+    };
+    (first, second, guard)
 }
 
 pub async fn connect_nats() -> async_nats::Client {

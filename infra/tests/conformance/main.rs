@@ -124,6 +124,25 @@ mod tamper {
 
 mod postgres_gap_safety;
 
+mod shared_database {
+    //! Two store instances writing one database: neither may answer from what it
+    //! remembers once the other has written (the writer's cache is only a speculation).
+    use super::harness::{postgres_store_pair, sqlite_store_pair};
+    use super::properties::two_writers_on_one_database_never_answer_from_stale_memory as property;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let (a, b, _guard) = sqlite_store_pair().await;
+        property(a, b).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let (a, b, _guard) = postgres_store_pair().await;
+        property(a, b).await;
+    }
+}
+
 mod big_pages {
     //! Not over NATS: one reply of thousands of events exceeds NATS's payload limit
     //! (the NATS client is covered by the paged properties above).

@@ -799,3 +799,154 @@ pub async fn big_read_all_pages_equal_small_pages_in_log_order<S: EventStore>(st
     let big_a = read(ReadScope::Tenant(tenant_a.clone()), 5_000).await;
     assert_eq!(summary(&big_a), summary(&only_a));
 }
+
+/// Two store instances on one database — two processes, or a standby taking over while
+/// the old writer still runs. Each writer plans from what it remembers (the positions,
+/// stream versions and hashes it last committed) and writes without reading first; the
+/// other one's appends make that memory stale. Every answer must still be the one a
+/// store with no memory gives: stale expected versions conflict with the true version,
+/// fresh ones succeed, and the log stays gap-free with every chain intact.
+pub async fn two_writers_on_one_database_never_answer_from_stale_memory<S: EventStore>(a: S, b: S) {
+    let tenant = tenant("clinic-a");
+    a.ensure_tenant(&tenant).await.unwrap();
+    let stream = new_stream();
+    let one = |n| vec![event(&tenant, n)];
+
+    // A remembers the stream at version 1; B moves it to 2.
+    a.append(&tenant, &stream, ExpectedVersion::NoStream, one(1))
+        .await
+        .unwrap();
+    b.append(&tenant, &stream, ExpectedVersion::Exact(1), one(2))
+        .await
+        .unwrap();
+    let stale = a
+        .append(&tenant, &stream, ExpectedVersion::Exact(1), one(3))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        stale,
+        StoreError::Conflict {
+            stream: stream.clone(),
+            expected: ExpectedVersion::Exact(1),
+            actual: Some(2)
+        }
+    );
+    let third = a
+        .append(&tenant, &stream, ExpectedVersion::Exact(2), one(3))
+        .await
+        .unwrap();
+    assert_eq!((third.first_version, third.first_position), (3, 3));
+
+    // B still remembers version 2 and position 2: both are stale now.
+    let any = b
+        .append(&tenant, &stream, ExpectedVersion::Any, one(4))
+        .await
+        .unwrap();
+    assert_eq!((any.first_version, any.first_position), (4, 4));
+
+    // A stream one writer created is not new to the other.
+    let created_by_b = new_stream();
+    b.append(&tenant, &created_by_b, ExpectedVersion::NoStream, one(1))
+        .await
+        .unwrap();
+    let not_new = a
+        .append(&tenant, &created_by_b, ExpectedVersion::NoStream, one(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            not_new,
+            StoreError::Conflict {
+                actual: Some(1),
+                ..
+            }
+        ),
+        "{not_new:?}"
+    );
+    // Nor is it another tenant's to write to, whatever A remembers.
+    let other = tenant_named(&a, "clinic-b").await;
+    let foreign = a
+        .append(
+            &other,
+            &created_by_b,
+            ExpectedVersion::Any,
+            vec![event(&other, 1)],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(foreign, StoreError::ForeignStream(_)),
+        "{foreign:?}"
+    );
+
+    // Both writers at once, with exact expected versions on shared streams: each append
+    // either lands at the version it expected or conflicts, and retries from the
+    // version the conflict reports.
+    let shared: Vec<StreamId> = (0..4).map(|_| new_stream()).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (writer, store) in [(0, a.clone()), (1, b.clone())] {
+        for task in 0..4 {
+            let (store, tenant, shared) = (store.clone(), tenant.clone(), shared.clone());
+            tasks.spawn(async move {
+                let stream = &shared[(writer + task) % shared.len()];
+                let mut expected = ExpectedVersion::NoStream;
+                let mut landed = 0u64;
+                while landed < 25 {
+                    match store
+                        .append(&tenant, stream, expected, vec![event(&tenant, landed)])
+                        .await
+                    {
+                        Ok(result) => {
+                            let want = match expected {
+                                ExpectedVersion::NoStream => 1,
+                                ExpectedVersion::Exact(v) => v + 1,
+                                ExpectedVersion::Any => unreachable!(),
+                            };
+                            assert_eq!(result.first_version, want, "landed where expected");
+                            expected = ExpectedVersion::Exact(result.last_version);
+                            landed += 1;
+                        }
+                        Err(StoreError::Conflict {
+                            actual: Some(actual),
+                            ..
+                        }) => expected = ExpectedVersion::Exact(actual),
+                        Err(error) => panic!("writer {writer}: {error:?}"),
+                    }
+                }
+            });
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.unwrap();
+    }
+
+    // 4 + 1 events before the race and 8 tasks × 25 in it, at positions 1..=N in order.
+    let log = a.read_all(&ReadScope::AllTenants, 0, 10_000).await.unwrap();
+    let positions: Vec<u64> = log.iter().map(|e| e.global_position).collect();
+    assert_eq!(positions, (1..=205).collect::<Vec<u64>>(), "gap-free log");
+    for stream in &shared {
+        let versions: Vec<u64> = a
+            .read_stream(&tenant, stream, 1, Direction::Forwards, 1_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.stream_version)
+            .collect();
+        assert_eq!(
+            versions,
+            (1..=50).collect::<Vec<u64>>(),
+            "two tasks × 25 each"
+        );
+    }
+    for store in [&a, &b] {
+        let report = store.verify_all(&ReadScope::AllTenants).await.unwrap();
+        assert!(report.breaks.is_empty(), "{:?}", report.breaks);
+        assert_eq!(report.events_checked, 205);
+    }
+}
+
+async fn tenant_named<S: EventStore>(store: &S, name: &str) -> TenantId {
+    let tenant = tenant(name);
+    store.ensure_tenant(&tenant).await.unwrap();
+    tenant
+}
