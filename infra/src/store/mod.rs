@@ -134,18 +134,53 @@ pub struct StoreStats {
 }
 
 /// Result of verifying hash chains.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub streams_checked: u64,
     pub events_checked: u64,
     /// The first broken link of each broken stream.
     pub breaks: Vec<ChainBreak>,
+    /// Runs of positions missing from the global log (`verify_all` over all tenants,
+    /// the first [`MAX_REPORTED_GAPS`]). The log is gap-free by construction, so a gap
+    /// means events were deleted — which a stream's hash chain cannot show when they
+    /// were its newest, or a whole stream.
+    #[serde(default)]
+    pub missing_positions: Vec<PositionGap>,
 }
+
+/// Positions `first..=last` are absent from the global log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PositionGap {
+    pub first: u64,
+    pub last: u64,
+}
+
+/// Most gaps one `verify_all` report lists.
+pub const MAX_REPORTED_GAPS: usize = 100;
 
 impl VerifyReport {
     pub fn is_intact(&self) -> bool {
-        self.breaks.is_empty()
+        self.breaks.is_empty() && self.missing_positions.is_empty()
     }
+}
+
+/// Turns (position, next stored position) pairs — each the start of a gap — into gaps,
+/// with a leading gap when the log does not start at 1.
+pub(crate) fn position_gaps(first_stored: Option<u64>, jumps: &[(u64, u64)]) -> Vec<PositionGap> {
+    let leading = first_stored
+        .filter(|&first| first > 1)
+        .map(|first| PositionGap {
+            first: 1,
+            last: first - 1,
+        });
+    leading
+        .into_iter()
+        .chain(jumps.iter().map(|&(before, next)| PositionGap {
+            first: before + 1,
+            last: next - 1,
+        }))
+        .take(MAX_REPORTED_GAPS)
+        .collect()
 }
 
 /// Why a store operation failed. Each variant says what the caller should do.
@@ -443,4 +478,28 @@ pub(crate) fn verify_grouped(events: &[EventEnvelope], report: &mut VerifyReport
 /// current schema is reported as corrupt rather than skipped.
 pub(crate) fn upcast_page<T: writer::FromEventRow>(events: Vec<T>) -> Result<Vec<T>, StoreError> {
     events.into_iter().map(T::upcast).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_REPORTED_GAPS, PositionGap, position_gaps};
+
+    fn gap(first: u64, last: u64) -> PositionGap {
+        PositionGap { first, last }
+    }
+
+    #[test]
+    fn gaps_include_a_missing_start_and_stop_at_the_report_limit() {
+        assert_eq!(position_gaps(Some(1), &[]), vec![]);
+        assert_eq!(position_gaps(None, &[]), vec![]);
+        assert_eq!(
+            position_gaps(Some(3), &[(5, 9), (9, 11)]),
+            vec![gap(1, 2), gap(6, 8), gap(10, 10)]
+        );
+        let many: Vec<(u64, u64)> = (0..200).map(|i| (i * 10 + 1, i * 10 + 3)).collect();
+        let gaps = position_gaps(Some(2), &many);
+        assert_eq!(gaps.len(), MAX_REPORTED_GAPS);
+        assert_eq!(gaps[0], gap(1, 1));
+        assert_eq!(gaps[1], gap(2, 2));
+    }
 }

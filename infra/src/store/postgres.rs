@@ -469,25 +469,16 @@ impl EventStore for PostgresStore {
             .iter()
             .map(row_to_envelope)
             .collect::<Result<Vec<_>, _>>()?;
-        let mut report = VerifyReport {
-            streams_checked: 0,
-            events_checked: 0,
-            breaks: vec![],
-        };
+        let mut report = VerifyReport::default();
         verify_grouped(&events, &mut report);
         Ok(report)
     }
 
     async fn verify_all(&self, scope: &ReadScope) -> Result<VerifyReport, StoreError> {
-        let mut report = VerifyReport {
-            streams_checked: 0,
-            events_checked: 0,
-            breaks: vec![],
-        };
-        let streams: Vec<(String, String)> =
-            sqlx::query_as("SELECT stream_id, tenant_id FROM streams ORDER BY stream_id")
-                .fetch_all(&self.pool)
-                .await?;
+        let mut report = VerifyReport::default();
+        let streams: Vec<(String, String)> = sqlx::query_as(super::sql::STREAMS_IN_LOG)
+            .fetch_all(&self.pool)
+            .await?;
         for (stream_id, tenant) in streams {
             if !scope.allows(&tenant) {
                 continue;
@@ -501,6 +492,9 @@ impl EventStore for PostgresStore {
                 .map(row_to_envelope)
                 .collect::<Result<Vec<_>, _>>()?;
             verify_grouped(&events, &mut report);
+        }
+        if matches!(scope, ReadScope::AllTenants) {
+            report.missing_positions = super::sql::missing_positions!(&self.pool).await?;
         }
         Ok(report)
     }

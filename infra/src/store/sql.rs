@@ -36,6 +36,51 @@ pub(crate) const STREAM_OF_TENANT: &str =
 /// `$1` stream: a whole stream as stored, whatever its tenant (`verify_all`).
 pub(crate) const STREAM: &str = select_event!("WHERE stream_id = $1 ORDER BY stream_version");
 
+/// Every stream that has events, with its tenant (`verify_all`). From the events, not
+/// the streams registry: deleting a registry row must not hide a stream from audit.
+pub(crate) const STREAMS_IN_LOG: &str =
+    "SELECT stream_id, MIN(tenant_id) FROM events GROUP BY stream_id ORDER BY stream_id";
+/// Count, first and last position of the global log (`verify_all`).
+pub(crate) const LOG_EXTENT: &str =
+    "SELECT COUNT(*), MIN(global_position), MAX(global_position) FROM events";
+/// Each stored position followed by a gap, with the next stored position (`verify_all`;
+/// run only when the count says positions are missing).
+pub(crate) const LOG_JUMPS: &str = "SELECT global_position, next_position FROM \
+     (SELECT global_position, LEAD(global_position) OVER (ORDER BY global_position) AS next_position \
+     FROM events) AS log WHERE next_position > global_position + 1 ORDER BY global_position LIMIT $1";
+
+/// `verify_all`'s check of the global log on either backend's pool: the runs of missing
+/// positions (`VerifyReport::missing_positions`). A macro because the two pools share
+/// no executor type this crate can name without sqlx's generic bounds.
+macro_rules! missing_positions {
+    ($pool:expr) => {
+        async {
+            let (count, first, last): (i64, Option<i64>, Option<i64>) =
+                sqlx::query_as($crate::store::sql::LOG_EXTENT)
+                    .fetch_one($pool)
+                    .await?;
+            // Positions are unique, so the count falls short of the last one exactly
+            // when some are missing (before the first one included).
+            if count == last.unwrap_or(0) {
+                return Ok::<_, $crate::store::StoreError>(Vec::new());
+            }
+            let jumps: Vec<(i64, i64)> = sqlx::query_as($crate::store::sql::LOG_JUMPS)
+                .bind($crate::store::MAX_REPORTED_GAPS as i64)
+                .fetch_all($pool)
+                .await?;
+            let jumps: Vec<(u64, u64)> = jumps
+                .into_iter()
+                .map(|(before, next)| (before as u64, next as u64))
+                .collect();
+            Ok($crate::store::position_gaps(
+                first.map(|f| f as u64),
+                &jumps,
+            ))
+        }
+    };
+}
+pub(crate) use missing_positions;
+
 /// The query for a `read_stream` direction.
 pub(crate) fn read_stream(direction: super::Direction) -> &'static str {
     match direction {

@@ -910,26 +910,17 @@ impl EventStore for SqliteStore {
                 &[stream.as_str(), tenant.as_str()],
             )
             .await?;
-        let mut report = VerifyReport {
-            streams_checked: 0,
-            events_checked: 0,
-            breaks: vec![],
-        };
+        let mut report = VerifyReport::default();
         verify_grouped(&events, &mut report);
         Ok(report)
     }
 
     async fn verify_all(&self, scope: &ReadScope) -> Result<VerifyReport, StoreError> {
-        let mut report = VerifyReport {
-            streams_checked: 0,
-            events_checked: 0,
-            breaks: vec![],
-        };
+        let mut report = VerifyReport::default();
         // Stream by stream, so memory stays bounded by the largest stream.
-        let stream_ids: Vec<(String, String)> =
-            sqlx::query_as("SELECT stream_id, tenant_id FROM streams ORDER BY stream_id")
-                .fetch_all(&self.pool)
-                .await?;
+        let stream_ids: Vec<(String, String)> = sqlx::query_as(super::sql::STREAMS_IN_LOG)
+            .fetch_all(&self.pool)
+            .await?;
         for (stream_id, tenant) in stream_ids {
             if !scope.allows(&tenant) {
                 continue;
@@ -938,6 +929,9 @@ impl EventStore for SqliteStore {
                 .raw_events_of(super::sql::STREAM, &[&stream_id])
                 .await?;
             verify_grouped(&events, &mut report);
+        }
+        if matches!(scope, ReadScope::AllTenants) {
+            report.missing_positions = super::sql::missing_positions!(&self.pool).await?;
         }
         Ok(report)
     }

@@ -122,6 +122,99 @@ mod tamper {
     }
 }
 
+mod deletions {
+    //! Deleting events is tamper too. A stream's hash chain cannot show that its newest
+    //! events or the whole stream are gone; the global log, gap-free by construction,
+    //! can — and `verify_all` finds every stream from the events themselves, so deleting
+    //! a stream's registry row does not hide a tampered event.
+    use std::future::Future;
+    use std::pin::Pin;
+
+    use super::harness::{postgres_store, sqlite_store};
+    use super::properties::seeded_stream;
+    use chartline_infra::store::PositionGap;
+    use chartline_infra::{Direction, EventStore, ReadScope};
+
+    type Exec = Box<dyn Fn(String) -> Pin<Box<dyn Future<Output = ()> + Send>>>;
+
+    async fn property<S: EventStore>(store: S, exec: Exec) {
+        // Positions: a 1..=5, b 6..=8, c 9..=10, d 11 (all of tenant clinic-a).
+        let (tenant, a) = seeded_stream(&store, 5).await;
+        let (_, b) = seeded_stream(&store, 3).await;
+        let (_, c) = seeded_stream(&store, 2).await;
+        seeded_stream(&store, 1).await;
+        let victim = store
+            .read_stream(&tenant, &b, 2, Direction::Forwards, 1)
+            .await
+            .unwrap()
+            .remove(0);
+        assert!(
+            store
+                .verify_all(&ReadScope::AllTenants)
+                .await
+                .unwrap()
+                .is_intact()
+        );
+
+        exec("DELETE FROM events WHERE global_position = 5".into()).await;
+        exec(format!("DELETE FROM events WHERE stream_id = '{c}'")).await;
+        exec(format!("DELETE FROM streams WHERE stream_id = '{c}'")).await;
+        exec(format!(
+            "UPDATE events SET data = '{{\"amount\":999}}' WHERE event_id = '{}'",
+            victim.event_id
+        ))
+        .await;
+        exec(format!("DELETE FROM streams WHERE stream_id = '{b}'")).await;
+
+        // The truncated stream's own chain still verifies: only the log shows the loss.
+        assert!(store.verify_stream(&tenant, &a).await.unwrap().is_intact());
+        let report = store.verify_all(&ReadScope::AllTenants).await.unwrap();
+        assert!(!report.is_intact());
+        assert_eq!(
+            report.missing_positions,
+            vec![
+                PositionGap { first: 5, last: 5 },
+                PositionGap { first: 9, last: 10 }
+            ]
+        );
+        assert_eq!(report.breaks.len(), 1, "{report:?}");
+        assert_eq!(report.breaks[0].event_id, victim.event_id);
+        assert_eq!(report.streams_checked, 3, "a, b (no registry row) and d");
+        assert_eq!(report.events_checked, 4 + 3 + 1);
+        // A tenant's view has no global log to check; its streams' chains still are.
+        let scoped = store
+            .verify_all(&ReadScope::Tenant(tenant.clone()))
+            .await
+            .unwrap();
+        assert!(scoped.missing_positions.is_empty());
+        assert_eq!(scoped.breaks.len(), 1);
+    }
+
+    /// One test per backend: its store, and raw SQL on the store's own pool.
+    macro_rules! on_backend {
+        ($name:ident, $open:ident) => {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let (store, _guard) = $open().await;
+                let pool = store.pool().clone();
+                let exec: Exec = Box::new(move |sql| {
+                    let pool = pool.clone();
+                    Box::pin(async move {
+                        sqlx::query(sqlx::AssertSqlSafe(sql))
+                            .execute(&pool)
+                            .await
+                            .unwrap();
+                    })
+                });
+                property(store, exec).await;
+            }
+        };
+    }
+
+    on_backend!(sqlite, sqlite_store);
+    on_backend!(postgres, postgres_store);
+}
+
 mod postgres_gap_safety;
 
 mod shared_database {

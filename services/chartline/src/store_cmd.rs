@@ -287,10 +287,17 @@ pub async fn run(args: StoreArgs, command: StoreCommand) -> anyhow::Result<ExitC
                         broken.stream_id, broken.stream_version, broken.event_id, broken.reason
                     );
                 }
+                for gap in &report.missing_positions {
+                    println!(
+                        "MISSING positions {}..={} of the global log: events were deleted",
+                        gap.first, gap.last
+                    );
+                }
                 println!(
-                    "{} of {} streams broken ({} events checked)",
+                    "{} of {} streams broken, {} gaps in the global log ({} events checked)",
                     report.breaks.len(),
                     report.streams_checked,
+                    report.missing_positions.len(),
                     report.events_checked
                 );
                 Ok(ExitCode::from(EXIT_CHAIN_BROKEN))

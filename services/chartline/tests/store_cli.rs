@@ -123,16 +123,7 @@ fn exit_codes_tell_conflict_bad_input_and_broken_chain_apart() {
     assert!(chartline(&store, &["verify"]).status.success());
 
     // Tamper with the stored row: verify names the event and exits 4.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let pool = sqlx::SqlitePool::connect(&format!("{store}?mode=rw"))
-            .await
-            .unwrap();
-        sqlx::query("UPDATE events SET data = '{\"n\":2}'")
-            .execute(&pool)
-            .await
-            .unwrap();
-    });
+    execute_sql(&store, "UPDATE events SET data = '{\"n\":2}'");
     let verify = chartline(&store, &["verify"]);
     assert_eq!(verify.status.code(), Some(4));
     let stdout = String::from_utf8_lossy(&verify.stdout);
@@ -140,7 +131,40 @@ fn exit_codes_tell_conflict_bad_input_and_broken_chain_apart() {
         stdout.contains(&format!("BROKEN {stream} version 1")),
         "{stdout}"
     );
+
+    // Delete a whole stream that is not the log's newest: verify reports the gap.
+    for _ in 0..2 {
+        let other = format!("encounter-{}", uuid::Uuid::new_v4());
+        let appended = chartline(
+            &store,
+            &[
+                "append",
+                "--stream",
+                &other,
+                "--type",
+                "Scheduled",
+                "--data",
+                "{}",
+            ],
+        );
+        assert!(appended.status.success());
+    }
+    execute_sql(&store, "DELETE FROM events WHERE global_position = 2");
+    let verify = chartline(&store, &["verify"]);
+    assert_eq!(verify.status.code(), Some(4));
+    let stdout = String::from_utf8_lossy(&verify.stdout);
+    assert!(stdout.contains("MISSING positions 2..=2"), "{stdout}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Runs one statement on the store's SQLite file, as someone with file access could.
+fn execute_sql(store: &str, statement: &'static str) {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let pool = sqlx::SqlitePool::connect(&format!("{store}?mode=rw"))
+            .await
+            .unwrap();
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    });
 }
 
 /// Starts a 1,000-event single-batch append and kills it with SIGKILL after `delay`.
