@@ -20,8 +20,8 @@ use sqlx::{PgPool, Row, SqlSafeStr};
 use uuid::Uuid;
 
 use super::writer::{
-    AppendRequest, BatchCommitter, FromEventRow, Loaded, Plan, Speculation, StoredEvent, StreamRow,
-    WriteCache, Writer, envelope_from_columns, keys, plan_loaded,
+    AppendRequest, BatchCommitter, EventRow, FromEventRow, Loaded, Plan, Speculation, StoredEvent,
+    StreamRow, WriteCache, Writer, envelope_from_columns, keys, plan_loaded,
 };
 use super::{
     AppendResult, DEFAULT_MAX_EVENT_BYTES, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT,
@@ -346,49 +346,28 @@ where
     E: sqlx::PgExecutor<'e>,
 {
     let rows = &plan.rows;
+    let text = |column: fn(&EventRow) -> &str| rows.iter().map(column).collect::<Vec<_>>();
+    let number =
+        |column: fn(&EventRow) -> u64| rows.iter().map(|r| column(r) as i64).collect::<Vec<_>>();
     let created = || plan.streams.iter().filter(|s| s.created);
     sqlx::query(APPEND_GROUP)
         .bind(WRITE_LOCK_KEY)
-        .bind(
-            rows.iter()
-                .map(|r| r.global_position as i64)
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.stream_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.stream_version as i64)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.event_type.as_str())
-                .collect::<Vec<_>>(),
-        )
+        .bind(number(|r| r.global_position))
+        .bind(text(|r| &r.event_id))
+        .bind(text(|r| &r.tenant))
+        .bind(text(|r| &r.stream_id))
+        .bind(number(|r| r.stream_version))
+        .bind(text(|r| &r.event_type))
         .bind(
             rows.iter()
                 .map(|r| r.schema_version as i32)
                 .collect::<Vec<_>>(),
         )
-        .bind(rows.iter().map(|r| r.data.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.metadata.as_str()).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.recorded_at.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.prev_hash.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|r| r.hash.as_str()).collect::<Vec<_>>())
+        .bind(text(|r| &r.data))
+        .bind(text(|r| &r.metadata))
+        .bind(text(|r| &r.recorded_at))
+        .bind(text(|r| &r.prev_hash))
+        .bind(text(|r| &r.hash))
         .bind(created().map(|s| s.stream_id.as_str()).collect::<Vec<_>>())
         .bind(created().map(|s| s.tenant.as_str()).collect::<Vec<_>>())
         .bind(created().map(|s| s.category.as_str()).collect::<Vec<_>>())
