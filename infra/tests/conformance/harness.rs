@@ -103,6 +103,11 @@ fn drop_database_later(name: String) -> Box<dyn FnOnce() + Send> {
 }
 
 pub async fn postgres_store() -> (PostgresStore, Guard) {
+    let (store, guard, _) = postgres_store_with_url().await;
+    (store, guard)
+}
+
+async fn postgres_store_with_url() -> (PostgresStore, Guard, String) {
     let (url, name) = fresh_pg_database().await;
     let store = PostgresStore::open(&url)
         .await
@@ -111,22 +116,15 @@ pub async fn postgres_store() -> (PostgresStore, Guard) {
         cleanup: Some(drop_database_later(name)),
         _service: None,
     };
-    (store, guard)
+    (store, guard, url)
 }
 
 /// Two PostgreSQL stores on one fresh database: two store service instances.
 pub async fn postgres_store_pair() -> (PostgresStore, PostgresStore, Guard) {
-    let (url, name) = fresh_pg_database().await;
-    let first = PostgresStore::open(&url)
-        .await
-        .expect("open PostgreSQL store");
+    let (first, guard, url) = postgres_store_with_url().await;
     let second = PostgresStore::open(&url)
         .await
         .expect("open a second PostgreSQL store on the same database");
-    let guard = Guard {
-        cleanup: Some(drop_database_later(name)),
-        _service: None,
-    };
     (first, second, guard)
 }
 

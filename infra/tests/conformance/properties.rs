@@ -864,7 +864,8 @@ pub async fn two_writers_on_one_database_never_answer_from_stale_memory<S: Event
         "{not_new:?}"
     );
     // Nor is it another tenant's to write to, whatever A remembers.
-    let other = tenant_named(&a, "clinic-b").await;
+    let other = TenantId::parse("clinic-b").unwrap();
+    a.ensure_tenant(&other).await.unwrap();
     let foreign = a
         .append(
             &other,
@@ -943,10 +944,4 @@ pub async fn two_writers_on_one_database_never_answer_from_stale_memory<S: Event
         assert!(report.breaks.is_empty(), "{:?}", report.breaks);
         assert_eq!(report.events_checked, 205);
     }
-}
-
-async fn tenant_named<S: EventStore>(store: &S, name: &str) -> TenantId {
-    let tenant = tenant(name);
-    store.ensure_tenant(&tenant).await.unwrap();
-    tenant
 }
