@@ -16,12 +16,12 @@ use chartline_proto::{EventEnvelope, StreamId, TenantId};
 use chrono::Utc;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Row, SqlSafeStr};
+use sqlx::{Connection, PgConnection, PgPool, Row, SqlSafeStr};
 use uuid::Uuid;
 
 use super::writer::{
     AppendRequest, BatchCommitter, EventRow, FromEventRow, Loaded, Plan, Speculation, StoredEvent,
-    StreamRow, WriteCache, Writer, envelope_from_columns, keys, plan_loaded,
+    StreamRow, StreamUpdate, WriteCache, Writer, envelope_from_columns, keys, plan_loaded,
 };
 use super::{
     AppendResult, DEFAULT_MAX_EVENT_BYTES, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT,
@@ -66,25 +66,56 @@ pub struct PostgresStore {
 }
 
 struct PostgresCommitter {
-    pool: PgPool,
+    options: PgConnectOptions,
+    /// The writer's own connection, outside the pool: a pooled connection is pinged
+    /// when it is acquired and again when it is returned, two round trips more than the
+    /// group's own statement. Opened by the first group; dropped after any error whose
+    /// effect on the session is unknown, and opened again by the next group.
+    connection: tokio::sync::Mutex<Option<PgConnection>>,
     /// Only the writer task touches it (one group at a time); never held across an await.
     cache: Mutex<WriteCache>,
 }
 
 /// A group's writes as ONE statement, so a speculated append costs one round trip and
 /// one implicit transaction: the write lock, the events, the registry rows of the
-/// streams it creates, and the notification that wakes live subscribers in other
-/// processes (`LISTEN chartline_events`). Both inserts read from `write_lock`, so the
-/// lock is held before the first row is written. A unique violation fails the whole
-/// statement and means "what the writer assumed is stale" (see `WriteCache`).
-const APPEND_GROUP: &str = "WITH write_lock AS (SELECT pg_advisory_xact_lock($1)), \
-     appended AS (INSERT INTO events (global_position, event_id, tenant_id, stream_id, stream_version, \
-     event_type, schema_version, data, metadata, recorded_at, prev_hash, hash) \
-     SELECT e.* FROM write_lock, UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[], \
-     $7::text[], $8::int[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[]) AS e), \
-     registered AS (INSERT INTO streams (stream_id, tenant_id, category) \
-     SELECT s.* FROM write_lock, UNNEST($14::text[], $15::text[], $16::text[]) AS s) \
-     SELECT pg_notify('chartline_events', $17)";
+/// streams it creates (only when it creates any: an empty insert into `streams` still
+/// costs about 5 % of the statement), and the notification that wakes live subscribers
+/// in other processes (`LISTEN chartline_events`). Every insert reads from `write_lock`,
+/// so the lock is held before the first row is written. A unique violation fails the
+/// whole statement and means "what the writer assumed is stale" (see `WriteCache`).
+macro_rules! append_statement {
+    ($registry:literal, $notify:literal) => {
+        concat!(
+            "WITH write_lock AS (SELECT pg_advisory_xact_lock($1)), \
+             appended AS (INSERT INTO events (global_position, event_id, tenant_id, stream_id, \
+             stream_version, event_type, schema_version, data, metadata, recorded_at, prev_hash, hash) \
+             SELECT e.* FROM write_lock, UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], \
+             $6::bigint[], $7::text[], $8::int[], $9::text[], $10::text[], $11::text[], $12::text[], \
+             $13::text[]) AS e)",
+            $registry,
+            " SELECT pg_notify('chartline_events', ",
+            $notify,
+            ")"
+        )
+    };
+}
+
+/// [`append_statement!`] for a group that appends to existing streams only.
+const APPEND_EVENTS: &str = append_statement!("", "$14");
+
+/// [`append_statement!`] for a group that creates streams.
+const APPEND_EVENTS_AND_STREAMS: &str = append_statement!(
+    ", registered AS (INSERT INTO streams (stream_id, tenant_id, category) \
+     SELECT s.* FROM write_lock, UNNEST($14::text[], $15::text[], $16::text[]) AS s)",
+    "$17"
+);
+
+/// `application_name` of the writer's session, so operators can find it in
+/// `pg_stat_activity`.
+pub const WRITER_APPLICATION_NAME: &str = "chartline-store-writer";
+
+/// Longest the writer waits for its own connection to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// True when a failed speculative commit only means "the cache was stale": a position,
 /// stream version, stream or event id the plan assumed free already exists.
@@ -100,8 +131,8 @@ impl PostgresStore {
         })?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_with(options.clone())
             .await?;
         migrator()
             .run(&pool)
@@ -113,7 +144,8 @@ impl PostgresStore {
                 .await?;
         let writer = Writer::spawn(
             PostgresCommitter {
-                pool: pool.clone(),
+                options: options.application_name(WRITER_APPLICATION_NAME),
+                connection: tokio::sync::Mutex::new(None),
                 cache: Mutex::new(WriteCache::default()),
             },
             head as u64,
@@ -200,13 +232,50 @@ impl BatchCommitter for PostgresCommitter {
         &self,
         batch: &[AppendRequest],
     ) -> Result<Vec<Result<AppendResult, StoreError>>, StoreError> {
+        let mut slot = self.connection.lock().await;
+        let connection = match slot.as_mut() {
+            Some(connection) => connection,
+            None => slot.insert(self.connect().await?),
+        };
+        let outcome = self.commit_on(connection, batch).await;
+        if outcome.is_err() {
+            // The transaction rolled back or the session broke: start from a new one.
+            *slot = None;
+            self.cache.lock().expect("write cache lock").forget();
+        }
+        outcome
+    }
+}
+
+type LoadedCommit = (Plan, u64, HashSet<String>, HashMap<String, StreamRow>);
+
+impl PostgresCommitter {
+    async fn connect(&self) -> Result<PgConnection, StoreError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&self.options)).await
+        {
+            Ok(connection) => Ok(connection?),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "PostgreSQL did not accept the writer's connection within {CONNECT_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// Commits a group on the writer's connection: the plan made from the cache when it
+    /// can be, else (or when the cache proved stale) the plan made from loaded state.
+    async fn commit_on(
+        &self,
+        connection: &mut PgConnection,
+        batch: &[AppendRequest],
+    ) -> Result<Vec<Result<AppendResult, StoreError>>, StoreError> {
         let speculation = self
             .cache
             .lock()
             .expect("write cache lock")
             .speculate(batch, Utc::now());
         if let Some(speculation) = speculation {
-            match self.commit_speculation(&speculation).await {
+            // The fast path: one statement in one implicit transaction, proved by its
+            // unique constraints (`WriteCache`).
+            match append_group(&mut *connection, &speculation.plan).await {
                 Ok(()) => {
                     let Speculation { plan, head, .. } = speculation;
                     self.cache
@@ -217,43 +286,27 @@ impl BatchCommitter for PostgresCommitter {
                 }
                 // Someone else wrote, or ids were already stored: decide from loaded state.
                 Err(error) if is_stale_speculation(&error) => {}
-                Err(error) => {
-                    self.cache.lock().expect("write cache lock").forget();
-                    return Err(error.into());
-                }
+                Err(error) => return Err(error.into()),
             }
         }
-        match self.commit_loaded(batch).await {
-            Ok((plan, head, tenants, streams)) => {
-                self.cache.lock().expect("write cache lock").committed(
-                    &plan,
-                    head,
-                    Some((tenants, streams)),
-                );
-                Ok(plan.replies)
-            }
-            Err(error) => {
-                self.cache.lock().expect("write cache lock").forget();
-                Err(error)
-            }
-        }
-    }
-}
-
-type LoadedCommit = (Plan, u64, HashSet<String>, HashMap<String, StreamRow>);
-
-impl PostgresCommitter {
-    /// The fast path: the plan made from the cache, written by one statement in one
-    /// implicit transaction and proved by its unique constraints (`WriteCache`).
-    async fn commit_speculation(&self, speculation: &Speculation) -> Result<(), sqlx::Error> {
-        append_group(&self.pool, &speculation.plan).await
+        let (plan, head, tenants, streams) = self.commit_loaded(connection, batch).await?;
+        self.cache.lock().expect("write cache lock").committed(
+            &plan,
+            head,
+            Some((tenants, streams)),
+        );
+        Ok(plan.replies)
     }
 
     /// The loading path: lock, load everything the group touches, plan, write, commit.
     /// Returns the plan, the head before it and the loaded tenants and streams.
-    async fn commit_loaded(&self, batch: &[AppendRequest]) -> Result<LoadedCommit, StoreError> {
+    async fn commit_loaded(
+        &self,
+        connection: &mut PgConnection,
+        batch: &[AppendRequest],
+    ) -> Result<LoadedCommit, StoreError> {
         let (tenants, streams, event_ids) = keys(batch);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = connection.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(WRITE_LOCK_KEY)
             .execute(&mut *tx)
@@ -340,7 +393,8 @@ impl PostgresCommitter {
     }
 }
 
-/// Writes a plan's events and new streams with [`APPEND_GROUP`].
+/// Writes a plan's events and new streams with [`APPEND_EVENTS`] or
+/// [`APPEND_EVENTS_AND_STREAMS`].
 async fn append_group<'e, E>(executor: E, plan: &Plan) -> Result<(), sqlx::Error>
 where
     E: sqlx::PgExecutor<'e>,
@@ -349,8 +403,13 @@ where
     let text = |column: fn(&EventRow) -> &str| rows.iter().map(column).collect::<Vec<_>>();
     let number =
         |column: fn(&EventRow) -> u64| rows.iter().map(|r| column(r) as i64).collect::<Vec<_>>();
-    let created = || plan.streams.iter().filter(|s| s.created);
-    sqlx::query(APPEND_GROUP)
+    let created: Vec<_> = plan.streams.iter().filter(|s| s.created).collect();
+    let statement = if created.is_empty() {
+        APPEND_EVENTS
+    } else {
+        APPEND_EVENTS_AND_STREAMS
+    };
+    let mut query = sqlx::query(statement)
         .bind(WRITE_LOCK_KEY)
         .bind(number(|r| r.global_position))
         .bind(text(|r| &r.event_id))
@@ -367,10 +426,16 @@ where
         .bind(text(|r| &r.metadata))
         .bind(text(|r| &r.recorded_at))
         .bind(text(|r| &r.prev_hash))
-        .bind(text(|r| &r.hash))
-        .bind(created().map(|s| s.stream_id.as_str()).collect::<Vec<_>>())
-        .bind(created().map(|s| s.tenant.as_str()).collect::<Vec<_>>())
-        .bind(created().map(|s| s.category.as_str()).collect::<Vec<_>>())
+        .bind(text(|r| &r.hash));
+    if !created.is_empty() {
+        let column =
+            |field: fn(&StreamUpdate) -> &str| created.iter().map(|s| field(s)).collect::<Vec<_>>();
+        query = query
+            .bind(column(|s| &s.stream_id))
+            .bind(column(|s| &s.tenant))
+            .bind(column(|s| &s.category));
+    }
+    query
         .bind(rows.last().map_or(0, |r| r.global_position).to_string())
         .execute(executor)
         .await?;

@@ -323,3 +323,81 @@ mod shared_sqlite_file {
         );
     }
 }
+
+mod writer_session {
+    //! The PostgreSQL writer keeps one connection of its own, outside the pool. When the
+    //! server ends that session (a restart, an administrator, a failover), the next
+    //! append opens a new one and lands exactly once: nothing lost, nothing doubled, the
+    //! log still gap-free and the chain intact.
+    use std::time::Duration;
+
+    use super::harness::postgres_store;
+    use super::properties::{event, seeded_stream};
+    use chartline_infra::store::postgres::WRITER_APPLICATION_NAME;
+    use chartline_infra::{Direction, EventStore, ExpectedVersion, ReadScope};
+
+    async fn writer_sessions(pool: &sqlx::PgPool) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = $1",
+        )
+        .bind(WRITER_APPLICATION_NAME)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_after_the_writers_session_was_killed_reconnects_and_lands_once() {
+        let (store, _guard) = postgres_store().await;
+        let (tenant, stream) = seeded_stream(&store, 3).await;
+        let sessions = writer_sessions(store.pool()).await;
+        assert_eq!(sessions, 1, "the writer has exactly one session of its own");
+
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = $1",
+        )
+        .bind(WRITER_APPLICATION_NAME)
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(killed, vec![true]);
+        // Termination is asynchronous: append only once the session is really gone, so
+        // the append meets a dead connection rather than racing the signal.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if writer_sessions(store.pool()).await == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the writer's session ends");
+
+        let appended = store
+            .append(
+                &tenant,
+                &stream,
+                ExpectedVersion::Exact(3),
+                vec![event(&tenant, 4), event(&tenant, 5)],
+            )
+            .await
+            .expect("the append reconnects and lands");
+        assert_eq!((appended.first_version, appended.last_version), (4, 5));
+        assert_eq!((appended.first_position, appended.last_position), (4, 5));
+        assert!(!appended.deduplicated);
+
+        let events = store
+            .read_stream(&tenant, &stream, 1, Direction::Forwards, 100)
+            .await
+            .unwrap();
+        let versions: Vec<u64> = events.iter().map(|e| e.stream_version).collect();
+        assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+        let report = store.verify_all(&ReadScope::AllTenants).await.unwrap();
+        assert!(report.is_intact(), "{report:?}");
+        let sessions = writer_sessions(store.pool()).await;
+        assert_eq!(sessions, 1, "the writer opened one new session");
+    }
+}
