@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod checkpoint;
 pub mod command;
+pub mod migrations;
 pub mod relay;
 pub mod store;
 

@@ -22,10 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{AssertSqlSafe, PgPool, Postgres, Row as _, SqlSafeStr};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Row as _};
 
 use crate::error::ProjectionError;
 
@@ -708,13 +708,7 @@ fn engine_migrator(backend: Backend) -> Migrator {
         Backend::Sqlite => include_str!("../migrations/sqlite/0001_projection_engine.sql"),
         Backend::Postgres => include_str!("../migrations/postgres/0001_projection_engine.sql"),
     };
-    let mut migrator = Migrator::with_migrations(vec![Migration::new(
-        1,
-        "projection engine".into(),
-        MigrationType::Simple,
-        sql.into_sql_str(),
-        false,
-    )]);
+    let mut migrator = chartline_infra::migrations::migrator(&[(1, "projection engine", sql)]);
     migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
     migrator
 }

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use chartline_proto::{EventEnvelope, StreamId, TenantId};
 use chrono::Utc;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool, Row, SqlSafeStr};
+use sqlx::{Connection, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::writer::{
@@ -33,27 +33,21 @@ use super::{
 pub const WRITE_LOCK_KEY: i64 = 0x6368_6172_746c_696e;
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![
-        Migration::new(
+    crate::migrations::migrator(&[
+        (
             1,
-            "event store".into(),
-            MigrationType::Simple,
-            include_str!("../../migrations/postgres/0001_event_store.sql").into_sql_str(),
-            false,
+            "event store",
+            include_str!("../../migrations/postgres/0001_event_store.sql"),
         ),
-        Migration::new(
+        (
             2,
-            "append group".into(),
-            MigrationType::Simple,
-            include_str!("../../migrations/postgres/0002_append_group.sql").into_sql_str(),
-            false,
+            "append group",
+            include_str!("../../migrations/postgres/0002_append_group.sql"),
         ),
-        Migration::new(
+        (
             3,
-            "stream registry".into(),
-            MigrationType::Simple,
-            include_str!("../../migrations/postgres/0003_stream_registry.sql").into_sql_str(),
-            false,
+            "stream registry",
+            include_str!("../../migrations/postgres/0003_stream_registry.sql"),
         ),
     ])
 }
@@ -277,7 +271,7 @@ impl PostgresCommitter {
             // unique constraints (`WriteCache`).
             match append_group(&mut *connection, &speculation.plan).await {
                 Ok(()) => {
-                    let Speculation { plan, head, .. } = speculation;
+                    let Speculation { plan, head } = speculation;
                     self.cache
                         .lock()
                         .expect("write cache lock")

@@ -27,9 +27,9 @@ use std::time::Duration;
 
 use chartline_proto::{EventEnvelope, StreamId, TenantId};
 use chrono::Utc;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::SqlitePool;
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{SqlSafeStr, SqlitePool};
 use uuid::Uuid;
 
 use super::writer::{
@@ -44,20 +44,16 @@ use super::{
 };
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![
-        Migration::new(
+    crate::migrations::migrator(&[
+        (
             1,
-            "event store".into(),
-            MigrationType::Simple,
-            include_str!("../../migrations/sqlite/0001_event_store.sql").into_sql_str(),
-            false,
+            "event store",
+            include_str!("../../migrations/sqlite/0001_event_store.sql"),
         ),
-        Migration::new(
+        (
             2,
-            "stream registry".into(),
-            MigrationType::Simple,
-            include_str!("../../migrations/sqlite/0002_stream_registry.sql").into_sql_str(),
-            false,
+            "stream registry",
+            include_str!("../../migrations/sqlite/0002_stream_registry.sql"),
         ),
     ])
 }
@@ -644,7 +640,7 @@ impl SqliteCommitter {
         if let Some(speculation) = speculation {
             match commit_speculation(connection, &speculation) {
                 Ok(()) => {
-                    let Speculation { plan, head, .. } = speculation;
+                    let Speculation { plan, head } = speculation;
                     self.cache
                         .lock()
                         .expect("write cache lock")
