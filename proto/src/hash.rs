@@ -53,24 +53,83 @@ pub fn canonical_bytes(input: &HashInput<'_>) -> Vec<u8> {
 /// [`canonical_bytes`] from parts the caller already has: the metadata's canonical JSON
 /// ([`canonical_metadata`]) and the record time's text ([`canonical_time`]).
 fn write_canonical(out: &mut Vec<u8>, input: &HashInput<'_>, metadata: &str, recorded_at: &str) {
-    use crate::jcs::{write_string, write_unsigned, write_value};
+    write_canonical_head(out, input.data, input.event_id, input.event_type, metadata);
+    write_canonical_tail(
+        out,
+        recorded_at,
+        input.schema_version,
+        input.stream_id,
+        input.stream_version,
+    );
+}
+
+/// The first members of an event's canonical bytes (`data`, `event_id`, `event_type`,
+/// `metadata`, through the name `"recorded_at":`): all that its author decides. A store
+/// writes this while the caller still holds the event, off the single writer's path;
+/// the writer adds the rest with [`chain_hash_from_head`] once it has ordered the event.
+/// `metadata` is the metadata's canonical JSON ([`canonical_metadata`]).
+pub fn write_canonical_head(
+    out: &mut Vec<u8>,
+    data: &serde_json::Value,
+    event_id: Uuid,
+    event_type: &str,
+    metadata: &str,
+) {
+    use crate::jcs::{write_string, write_value};
     out.extend_from_slice(b"{\"data\":");
-    write_value(out, input.data);
+    write_value(out, data);
     out.extend_from_slice(b",\"event_id\":");
-    write_uuid(out, input.event_id);
+    write_uuid(out, event_id);
     out.extend_from_slice(b",\"event_type\":");
-    write_string(out, input.event_type);
+    write_string(out, event_type);
     out.extend_from_slice(b",\"metadata\":");
     out.extend_from_slice(metadata.as_bytes());
     out.extend_from_slice(b",\"recorded_at\":");
+}
+
+/// The members after [`write_canonical_head`]: the record time and the place in the
+/// stream, which the writer decides, and the schema version (next in canonical order).
+fn write_canonical_tail(
+    out: &mut Vec<u8>,
+    recorded_at: &str,
+    schema_version: u32,
+    stream_id: &StreamId,
+    stream_version: u64,
+) {
+    use crate::jcs::{write_string, write_unsigned};
     write_string(out, recorded_at);
     out.extend_from_slice(b",\"schema_version\":");
-    write_unsigned(out, u64::from(input.schema_version));
+    write_unsigned(out, u64::from(schema_version));
     out.extend_from_slice(b",\"stream_id\":");
-    write_string(out, input.stream_id.as_str());
+    write_string(out, stream_id.as_str());
     out.extend_from_slice(b",\"stream_version\":");
-    write_unsigned(out, input.stream_version);
+    write_unsigned(out, stream_version);
     out.push(b'}');
+}
+
+/// [`chain_hash`] from a head written by [`write_canonical_head`]: the same hash, with
+/// only the tail written here.
+pub fn chain_hash_from_head(
+    prev_hash: &str,
+    head: &[u8],
+    recorded_at: &str,
+    schema_version: u32,
+    stream_id: &StreamId,
+    stream_version: u64,
+) -> String {
+    let mut tail = Vec::with_capacity(128);
+    write_canonical_tail(
+        &mut tail,
+        recorded_at,
+        schema_version,
+        stream_id,
+        stream_version,
+    );
+    let mut hasher = Sha256::new();
+    hasher.update(prev_hash.as_bytes());
+    hasher.update(head);
+    hasher.update(&tail);
+    hex::encode(hasher.finalize())
 }
 
 /// A UUID as a JSON string, hyphenated lower case (as serde writes it).
@@ -286,6 +345,20 @@ mod tests {
                 recorded_at: Utc.timestamp_micros(micros / 3).unwrap(),
             };
             prop_assert_eq!(canonical_bytes(&input), reference_bytes(&input));
+            // The store's split: a head written by the caller, the tail by the writer.
+            let mut head = Vec::new();
+            write_canonical_head(&mut head, &data, input.event_id, input.event_type, &text);
+            prop_assert_eq!(
+                chain_hash_from_head(
+                    "ab".repeat(32).as_str(),
+                    &head,
+                    &canonical_time(input.recorded_at),
+                    schema,
+                    &stream,
+                    version,
+                ),
+                chain_hash(&"ab".repeat(32), &input)
+            );
         }
     }
 }

@@ -377,6 +377,23 @@ pub(crate) fn validate_append(
     events: &[NewEvent],
     max_event_bytes: usize,
 ) -> Result<(), StoreError> {
+    validate_events(tenant, events)?;
+    for event in events {
+        let size = serialized_size(event);
+        if size > max_event_bytes {
+            return Err(StoreError::EventTooLarge {
+                event_id: event.event_id,
+                size,
+                limit: max_event_bytes,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// [`validate_append`] without the size check, for a store that checks sizes on the
+/// texts it stores ([`writer::prepare`]) instead of serializing twice.
+pub(crate) fn validate_events(tenant: &TenantId, events: &[NewEvent]) -> Result<(), StoreError> {
     if events.is_empty() {
         return Err(StoreError::EmptyBatch);
     }
@@ -421,14 +438,6 @@ pub(crate) fn validate_append(
                 "event {} has schema_version 0; versions start at 1",
                 event.event_id
             )));
-        }
-        let size = serialized_size(event);
-        if size > max_event_bytes {
-            return Err(StoreError::EventTooLarge {
-                event_id: event.event_id,
-                size,
-                limit: max_event_bytes,
-            });
         }
     }
     Ok(())

@@ -39,7 +39,7 @@ use super::writer::{
 };
 use super::{
     AppendResult, DEFAULT_MAX_EVENT_BYTES, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT,
-    RawEvent, ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, validate_append,
+    RawEvent, ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, validate_events,
     verify_grouped,
 };
 
@@ -847,8 +847,11 @@ impl EventStore for SqliteStore {
         expected: ExpectedVersion,
         events: Vec<chartline_proto::NewEvent>,
     ) -> Result<AppendResult, StoreError> {
-        validate_append(tenant, &events, self.max_event_bytes)?;
-        self.writer.append(tenant, stream, expected, events).await
+        validate_events(tenant, &events)?;
+        let prepared = super::writer::prepare(&events, self.max_event_bytes)?;
+        self.writer
+            .append(tenant, stream, expected, events, prepared)
+            .await
     }
 
     async fn read_stream(

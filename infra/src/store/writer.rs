@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chartline_proto::hash::{
-    GENESIS_HASH, HashInput, canonical_metadata, canonical_time, chain_hash_with,
+    GENESIS_HASH, canonical_metadata, canonical_time, chain_hash_from_head, write_canonical_head,
 };
 use chartline_proto::{EventEnvelope, NewEvent, StreamId, TenantId};
 use chrono::{DateTime, Utc};
@@ -27,7 +27,58 @@ pub(crate) struct AppendRequest {
     pub stream: StreamId,
     pub expected: ExpectedVersion,
     pub events: Vec<NewEvent>,
+    /// One per event, in order ([`prepare`]).
+    pub prepared: Vec<PreparedEvent>,
     pub reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+}
+
+/// What a caller computes for each of its events before the writer orders them: the
+/// stored texts of data and metadata and the head of the hashed canonical bytes
+/// ([`write_canonical_head`]). None of it depends on the group, so concurrent callers
+/// serialize in parallel and the single writer only adds each event's tail and hashes.
+#[derive(Debug, Clone)]
+pub(crate) struct PreparedEvent {
+    pub data: String,
+    /// The metadata's canonical JSON, both stored and hashed.
+    pub metadata: String,
+    pub canonical_head: Vec<u8>,
+}
+
+/// Serializes a validated batch once for storing and hashing; an event whose stored
+/// data and metadata exceed `max_event_bytes` is refused, naming its size.
+pub(crate) fn prepare(
+    events: &[NewEvent],
+    max_event_bytes: usize,
+) -> Result<Vec<PreparedEvent>, StoreError> {
+    events
+        .iter()
+        .map(|event| {
+            let data = serde_json::to_string(&event.data).expect("JSON values serialize");
+            // Same text as serde's, members in canonical order: the same size.
+            let metadata = canonical_metadata(&event.metadata);
+            let size = data.len() + metadata.len();
+            if size > max_event_bytes {
+                return Err(StoreError::EventTooLarge {
+                    event_id: event.event_id,
+                    size,
+                    limit: max_event_bytes,
+                });
+            }
+            let mut canonical_head = Vec::with_capacity(data.len() + metadata.len() + 96);
+            write_canonical_head(
+                &mut canonical_head,
+                &event.data,
+                event.event_id,
+                &event.event_type,
+                &metadata,
+            );
+            Ok(PreparedEvent {
+                data,
+                metadata,
+                canonical_head,
+            })
+        })
+        .collect()
 }
 
 /// A stream's row as loaded inside the write transaction.
@@ -225,25 +276,15 @@ pub(crate) fn plan(
                 current.map_or_else(|| GENESIS_HASH.to_owned(), |r| r.last_hash.clone());
             let first_position = next_position;
             let first_version = version + 1;
-            for event in &request.events {
+            for (event, prepared) in request.events.iter().zip(&request.prepared) {
                 version += 1;
-                // The metadata is serialized once: its canonical JSON is both hashed and
-                // stored (a different member order than serde's, the same content).
-                let metadata = canonical_metadata(&event.metadata);
-                let hash = chain_hash_with(
+                let hash = chain_hash_from_head(
                     &prev_hash,
-                    &HashInput {
-                        event_id: event.event_id,
-                        stream_id: &request.stream,
-                        stream_version: version,
-                        event_type: &event.event_type,
-                        schema_version: event.schema_version,
-                        data: &event.data,
-                        metadata: &event.metadata,
-                        recorded_at,
-                    },
-                    &metadata,
+                    &prepared.canonical_head,
                     &recorded_at_text,
+                    event.schema_version,
+                    &request.stream,
+                    version,
                 );
                 rows.push(EventRow {
                     global_position: next_position,
@@ -253,8 +294,8 @@ pub(crate) fn plan(
                     stream_version: version,
                     event_type: event.event_type.clone(),
                     schema_version: event.schema_version,
-                    data: serde_json::to_string(&event.data).expect("JSON values serialize"),
-                    metadata,
+                    data: prepared.data.clone(),
+                    metadata: prepared.metadata.clone(),
                     recorded_at: recorded_at_text.clone(),
                     prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
                     hash,
@@ -613,13 +654,16 @@ impl Writer {
         stream: &StreamId,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
+        prepared: Vec<PreparedEvent>,
     ) -> Result<AppendResult, StoreError> {
+        debug_assert_eq!(events.len(), prepared.len());
         let (reply, response) = oneshot::channel();
         let request = AppendRequest {
             tenant: tenant.clone(),
             stream: stream.clone(),
             expected,
             events,
+            prepared,
             reply,
         };
         // Nobody queued for the writer task nor waiting in it: commit on this thread if
@@ -751,6 +795,7 @@ mod tests {
             tenant: TenantId::parse("clinic-a").unwrap(),
             stream: StreamId::parse(stream).unwrap(),
             expected: ExpectedVersion::Any,
+            prepared: prepare(&events, usize::MAX).unwrap(),
             events,
             reply: oneshot::channel().0,
         }
@@ -780,6 +825,28 @@ mod tests {
             streams: HashMap::new(),
             existing: HashMap::new(),
             next_position: 1,
+        }
+    }
+
+    /// `prepare` checks sizes on the stored texts (canonical metadata); the NATS client
+    /// checks them before sending on serde's text (`validate_append`). The two must
+    /// agree, or an event could pass one limit and fail the other.
+    #[test]
+    fn prepared_sizes_equal_the_clients_size_check() {
+        let mut odd = event(7);
+        odd.metadata.actor = Actor::new(ActorKind::Clinician, "dr \"é\"\u{1f600}\n\u{1}");
+        odd.metadata.causation_id = Some(Uuid::now_v7());
+        odd.metadata.source = "tab\there".into();
+        odd.data = serde_json::json!({ "text": "a\u{2028}b", "x": 1.5e300, "n": -3 });
+        for event in [event(1), odd] {
+            let prepared = prepare(std::slice::from_ref(&event), usize::MAX).unwrap();
+            let size = prepared[0].data.len() + prepared[0].metadata.len();
+            assert_eq!(size, crate::store::serialized_size(&event));
+            let limit = size - 1;
+            assert!(matches!(
+                prepare(std::slice::from_ref(&event), limit),
+                Err(StoreError::EventTooLarge { size: s, limit: l, .. }) if s == size && l == limit
+            ));
         }
     }
 
