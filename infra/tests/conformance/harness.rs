@@ -39,7 +39,7 @@ pub async fn sqlite_store() -> (SqliteStore, Guard) {
     (store, guard)
 }
 
-async fn sqlite_store_with_url() -> (SqliteStore, Guard, String) {
+pub async fn sqlite_store_with_url() -> (SqliteStore, Guard, String) {
     let dir = std::env::temp_dir().join(format!("chartline_t_{}", Uuid::new_v4().simple()));
     let url = format!("sqlite://{}", dir.join("events.db").display());
     let store = SqliteStore::open(&url).await.expect("open SQLite store");
