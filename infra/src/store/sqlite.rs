@@ -92,8 +92,8 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(2);
 /// pages to the WAL and, with `synchronous=NORMAL`, does not wait for the disk; the
 /// checkpoint copies them into the database file and waits for fsync twice. Done by the
 /// committing writer, as SQLite does by default, that wait stalled every thousandth
-/// page's commit (docs/benchmarks.md, session 12: raw 10-row commits 49–53k → 72–79k
-/// rows/s, 1-row 15k → 22–27k on one machine).
+/// page's commit (docs/benchmarks.md, session 12, one machine: raw 10-row commits
+/// 49–53k → 79k rows/s, 1-row commits 15k → 22–27k/s).
 struct Checkpointer {
     nudge: std::sync::mpsc::SyncSender<()>,
 }
