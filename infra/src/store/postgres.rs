@@ -416,8 +416,8 @@ where
                 .map(|r| r.schema_version as i32)
                 .collect::<Vec<_>>(),
         )
-        .bind(text(|r| &r.data))
-        .bind(text(|r| &r.metadata))
+        .bind(text(|r| &*r.data))
+        .bind(text(|r| &*r.metadata))
         .bind(text(|r| &r.recorded_at))
         .bind(text(|r| &r.prev_hash))
         .bind(text(|r| &r.hash));

@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -38,9 +39,9 @@ pub(crate) struct AppendRequest {
 /// serialize in parallel and the single writer only adds each event's tail and hashes.
 #[derive(Debug, Clone)]
 pub(crate) struct PreparedEvent {
-    pub data: String,
+    pub data: Arc<str>,
     /// The metadata's canonical JSON, both stored and hashed.
-    pub metadata: String,
+    pub metadata: Arc<str>,
     pub canonical_head: Vec<u8>,
 }
 
@@ -73,8 +74,8 @@ pub(crate) fn prepare(
                 &metadata,
             );
             Ok(PreparedEvent {
-                data,
-                metadata,
+                data: data.into(),
+                metadata: metadata.into(),
                 canonical_head,
             })
         })
@@ -111,8 +112,9 @@ pub(crate) struct EventRow {
     pub stream_version: u64,
     pub event_type: String,
     pub schema_version: u32,
-    pub data: String,
-    pub metadata: String,
+    /// Shared with the request's [`PreparedEvent`]: a group's texts are not copied.
+    pub data: Arc<str>,
+    pub metadata: Arc<str>,
     pub recorded_at: String,
     pub prev_hash: String,
     pub hash: String,
@@ -294,8 +296,8 @@ pub(crate) fn plan(
                     stream_version: version,
                     event_type: event.event_type.clone(),
                     schema_version: event.schema_version,
-                    data: prepared.data.clone(),
-                    metadata: prepared.metadata.clone(),
+                    data: Arc::clone(&prepared.data),
+                    metadata: Arc::clone(&prepared.metadata),
                     recorded_at: recorded_at_text.clone(),
                     prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
                     hash,
