@@ -183,33 +183,25 @@ pub fn canonical_metadata(metadata: &Metadata) -> String {
     String::from_utf8(out).expect("JSON written from UTF-8 strings is UTF-8")
 }
 
+/// `SHA-256(prev_hash ‖ canonical bytes)`, hex: the hash an event stored after
+/// `prev_hash` must carry.
 pub fn chain_hash(prev_hash: &str, input: &HashInput<'_>) -> String {
-    chain_hash_with(
-        prev_hash,
-        input,
+    let mut head = Vec::with_capacity(512);
+    write_canonical_head(
+        &mut head,
+        input.data,
+        input.event_id,
+        input.event_type,
         &canonical_metadata(input.metadata),
+    );
+    chain_hash_from_head(
+        prev_hash,
+        &head,
         &canonical_time(input.recorded_at),
+        input.schema_version,
+        input.stream_id,
+        input.stream_version,
     )
-}
-
-/// [`chain_hash`] for a writer that already holds the metadata's canonical JSON
-/// ([`canonical_metadata`]) and the record time's text ([`canonical_time`]).
-pub fn chain_hash_with(
-    prev_hash: &str,
-    input: &HashInput<'_>,
-    metadata: &str,
-    recorded_at: &str,
-) -> String {
-    // The texts stand in for `input.metadata` and `input.recorded_at`; a caller passing
-    // others would hash something it does not store. Checked in debug builds (tests).
-    debug_assert_eq!(metadata, canonical_metadata(input.metadata));
-    debug_assert_eq!(recorded_at, canonical_time(input.recorded_at));
-    let mut bytes = Vec::with_capacity(512);
-    write_canonical(&mut bytes, input, metadata, recorded_at);
-    let mut hasher = Sha256::new();
-    hasher.update(prev_hash.as_bytes());
-    hasher.update(&bytes);
-    hex::encode(hasher.finalize())
 }
 
 /// Recomputes an envelope's hash from its content and the given predecessor hash.
@@ -345,20 +337,29 @@ mod tests {
                 recorded_at: Utc.timestamp_micros(micros / 3).unwrap(),
             };
             prop_assert_eq!(canonical_bytes(&input), reference_bytes(&input));
-            // The store's split: a head written by the caller, the tail by the writer.
+            // The chain hash over the reference bytes; the store's split (a head written
+            // by the caller, the tail by the writer) and `chain_hash` must both give it.
+            let prev = "ab".repeat(32);
+            let expected = hex::encode(
+                Sha256::new()
+                    .chain_update(prev.as_bytes())
+                    .chain_update(reference_bytes(&input))
+                    .finalize(),
+            );
             let mut head = Vec::new();
             write_canonical_head(&mut head, &data, input.event_id, input.event_type, &text);
             prop_assert_eq!(
                 chain_hash_from_head(
-                    "ab".repeat(32).as_str(),
+                    &prev,
                     &head,
                     &canonical_time(input.recorded_at),
                     schema,
                     &stream,
                     version,
                 ),
-                chain_hash(&"ab".repeat(32), &input)
+                expected.clone()
             );
+            prop_assert_eq!(chain_hash(&prev, &input), expected);
         }
     }
 }
