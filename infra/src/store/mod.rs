@@ -379,20 +379,30 @@ pub(crate) fn validate_append(
 ) -> Result<(), StoreError> {
     validate_events(tenant, events)?;
     for event in events {
-        let size = serialized_size(event);
-        if size > max_event_bytes {
-            return Err(StoreError::EventTooLarge {
-                event_id: event.event_id,
-                size,
-                limit: max_event_bytes,
-            });
-        }
+        check_event_size(event, serialized_size(event), max_event_bytes)?;
     }
     Ok(())
 }
 
-/// [`validate_append`] without the size check, for a store that checks sizes on the
-/// texts it stores ([`writer::prepare`]) instead of serializing twice.
+/// `EventTooLarge` when an event's serialized data and metadata (`size` bytes) exceed
+/// the limit.
+pub(crate) fn check_event_size(
+    event: &NewEvent,
+    size: usize,
+    limit: usize,
+) -> Result<(), StoreError> {
+    if size > limit {
+        return Err(StoreError::EventTooLarge {
+            event_id: event.event_id,
+            size,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// [`validate_append`] without the size check, for the writer, which checks sizes on
+/// the texts it stores ([`writer::prepare`]) instead of serializing twice.
 pub(crate) fn validate_events(tenant: &TenantId, events: &[NewEvent]) -> Result<(), StoreError> {
     if events.is_empty() {
         return Err(StoreError::EmptyBatch);

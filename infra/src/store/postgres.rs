@@ -25,8 +25,7 @@ use super::writer::{
 };
 use super::{
     AppendResult, DEFAULT_MAX_EVENT_BYTES, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT,
-    RawEvent, ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, validate_events,
-    verify_grouped,
+    RawEvent, ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, verify_grouped,
 };
 
 /// Advisory lock key of the event store's single active writer ("chartlin" in ASCII).
@@ -444,10 +443,8 @@ impl EventStore for PostgresStore {
         expected: ExpectedVersion,
         events: Vec<chartline_proto::NewEvent>,
     ) -> Result<AppendResult, StoreError> {
-        validate_events(tenant, &events)?;
-        let prepared = super::writer::prepare(&events, self.max_event_bytes)?;
         self.writer
-            .append(tenant, stream, expected, events, prepared)
+            .append(tenant, stream, expected, events, self.max_event_bytes)
             .await
     }
 

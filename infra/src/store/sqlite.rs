@@ -39,8 +39,7 @@ use super::writer::{
 };
 use super::{
     AppendResult, DEFAULT_MAX_EVENT_BYTES, Direction, EventStore, ExpectedVersion, MAX_READ_LIMIT,
-    RawEvent, ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, validate_events,
-    verify_grouped,
+    RawEvent, ReadScope, StoreError, StoreStats, VerifyReport, upcast_page, verify_grouped,
 };
 
 fn migrator() -> Migrator {
@@ -933,10 +932,8 @@ impl EventStore for SqliteStore {
         expected: ExpectedVersion,
         events: Vec<chartline_proto::NewEvent>,
     ) -> Result<AppendResult, StoreError> {
-        validate_events(tenant, &events)?;
-        let prepared = super::writer::prepare(&events, self.max_event_bytes)?;
         self.writer
-            .append(tenant, stream, expected, events, prepared)
+            .append(tenant, stream, expected, events, self.max_event_bytes)
             .await
     }
 

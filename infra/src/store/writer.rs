@@ -57,14 +57,7 @@ pub(crate) fn prepare(
             let data = serde_json::to_string(&event.data).expect("JSON values serialize");
             // Same text as serde's, members in canonical order: the same size.
             let metadata = canonical_metadata(&event.metadata);
-            let size = data.len() + metadata.len();
-            if size > max_event_bytes {
-                return Err(StoreError::EventTooLarge {
-                    event_id: event.event_id,
-                    size,
-                    limit: max_event_bytes,
-                });
-            }
+            super::check_event_size(event, data.len() + metadata.len(), max_event_bytes)?;
             let mut canonical_head = Vec::with_capacity(data.len() + metadata.len() + 96);
             write_canonical_head(
                 &mut canonical_head,
@@ -656,9 +649,11 @@ impl Writer {
         stream: &StreamId,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
-        prepared: Vec<PreparedEvent>,
+        max_event_bytes: usize,
     ) -> Result<AppendResult, StoreError> {
-        debug_assert_eq!(events.len(), prepared.len());
+        // On the caller's task: concurrent callers validate and serialize in parallel.
+        super::validate_events(tenant, &events)?;
+        let prepared = prepare(&events, max_event_bytes)?;
         let (reply, response) = oneshot::channel();
         let request = AppendRequest {
             tenant: tenant.clone(),
