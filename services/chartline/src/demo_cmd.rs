@@ -125,10 +125,13 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
     .await
     .map_err(anyhow::Error::msg)?;
     let ehr_url = sandbox.base_url();
-    let mut sandbox_stop = stopped.clone();
-    tokio::spawn(sandbox.run_until_stopped(async move {
-        let _ = sandbox_stop.changed().await;
-    }));
+    // The sandbox stops after the services: a connector finishing its in-flight work on
+    // shutdown must still find the EHR it is writing to (else that work is recorded as
+    // a failed write-back that a live EHR would have acknowledged).
+    let (stop_sandbox, mut sandbox_stopped) = watch::channel(false);
+    let mut sandbox = Some(tokio::spawn(sandbox.run_until_stopped(async move {
+        let _ = sandbox_stopped.changed().await;
+    })));
     chartline_ehr_connector::client::install_crypto_provider();
     let http = reqwest::Client::new();
     if args.ehr_fault_rate > 0.0 {
@@ -265,12 +268,29 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
-    // Let the EHR connector and the projections settle: nothing in flight to the EHR
-    // and every projection at the head, or 120 s.
+    // Let the EHR connector and the projections settle: nothing in flight to the EHR,
+    // the connector's checkpoint (a low watermark: it never passes an unfinished job)
+    // at the tenant's last event, and every projection at the head; or 120 s. A row
+    // still `pending` then waits for its patient's identity review, not for the
+    // connector.
     let read_db = chartline_projections::db::ReadDb::open(&store_url).await?;
     let settle_deadline = Instant::now() + std::time::Duration::from_secs(120);
+    let connector_checkpoint = chartline_infra::checkpoint::Checkpoint::new(
+        runtime.store.clone(),
+        chartline_ehr_connector::reactor::REACTOR_NAME,
+    );
+    let mut tenant_head = 0;
     let mut previous = BTreeMap::new();
     loop {
+        loop {
+            let page = runtime
+                .store
+                .read_all(&ReadScope::Tenant(tenant.clone()), tenant_head, 5_000)
+                .await?;
+            let Some(last) = page.last() else { break };
+            tenant_head = last.global_position;
+        }
+        let connector_done = connector_checkpoint.load().await? >= tenant_head;
         let states = count_by(
             &read_db,
             "SELECT state, COUNT(*) FROM ehr_writeback WHERE tenant = ? GROUP BY state",
@@ -285,7 +305,9 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
             .unwrap_or(0);
         let in_flight =
             states.get("sent").copied().unwrap_or(0) + states.get("failed").copied().unwrap_or(0);
-        if (lag == 0 && in_flight == 0 && states == previous) || Instant::now() > settle_deadline {
+        if (lag == 0 && in_flight == 0 && connector_done && states == previous)
+            || Instant::now() > settle_deadline
+        {
             break;
         }
         previous = states;
@@ -313,6 +335,10 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
     if args.exit {
         let _ = stop.send(true);
         while tasks.join_next().await.is_some() {}
+        let _ = stop_sandbox.send(true);
+        if let Some(sandbox) = sandbox.take() {
+            let _ = sandbox.await;
+        }
         chartline_projections::engine::ProjectionRunner::new(
             runtime.store.clone(),
             read_db.clone(),
@@ -499,6 +525,10 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
     }
     let _ = stop.send(true);
     while tasks.join_next().await.is_some() {}
+    let _ = stop_sandbox.send(true);
+    if let Some(sandbox) = sandbox.take() {
+        let _ = sandbox.await;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

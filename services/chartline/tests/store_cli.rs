@@ -485,6 +485,17 @@ fn demo_summary_matches_the_store() {
         "{}",
         summary["ehr_write_backs"]
     );
+    // What is still pending waits for a human's identity review, not for the connector
+    // (the demo settled before it stopped, and stopped the EHR last).
+    assert_eq!(
+        count(
+            "SELECT COUNT(*) FROM ehr_writeback w JOIN encounter_view e ON e.encounter_id = w.encounter_id \
+             WHERE w.tenant = 'demo-clinic' AND w.state = 'pending' AND NOT EXISTS (SELECT 1 FROM identity_review r \
+             WHERE r.patient_id = e.patient_id AND r.status = 'open')"
+        ),
+        0,
+        "write-backs left pending for patients whose identity is resolved"
+    );
     assert_eq!(summary["manual_code_picks"], 0);
     assert_eq!(summary["projection_lag"], 0);
     assert_eq!(summary["chains_intact"], true);
