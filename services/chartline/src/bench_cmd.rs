@@ -597,6 +597,44 @@ struct BackendResults {
     read: Option<ReadOutcome>,
 }
 
+/// The median of sequential request/reply exchanges with an echo responder on
+/// `server`'s connection: what NATS alone adds to every round through the store service.
+async fn bare_round_trip(
+    server: &async_nats::Client,
+    client: &async_nats::Client,
+    subject: &str,
+) -> anyhow::Result<Duration> {
+    use futures::StreamExt;
+    const WARMUP: usize = 300;
+    const SAMPLES: usize = 3_000;
+    let mut requests = server.subscribe(subject.to_string()).await?;
+    let responder = server.clone();
+    let echo = tokio::spawn(async move {
+        let reply = vec![b'r'; 64];
+        while let Some(message) = requests.next().await {
+            if let Some(to) = message.reply {
+                let _ = responder.publish(to, reply.clone().into()).await;
+            }
+        }
+    });
+    server.flush().await?;
+    let mut samples = Vec::with_capacity(SAMPLES);
+    for i in 0..WARMUP + SAMPLES {
+        let payload = vec![b'q'; 700].into();
+        let started = Instant::now();
+        client
+            .request(subject.to_string(), payload)
+            .await
+            .context("bare NATS request/reply")?;
+        if i >= WARMUP {
+            samples.push(started.elapsed());
+        }
+    }
+    echo.abort();
+    samples.sort_unstable();
+    Ok(samples[samples.len() / 2])
+}
+
 async fn measure_backend<S: EventStore>(
     store: &S,
     backend: Backend,
@@ -867,6 +905,7 @@ async fn run_store(args: StoreBenchArgs) -> anyhow::Result<std::process::ExitCod
 
     let mut postgres_8w_1e = None;
     let mut nats_8w_1e = None;
+    let mut nats_rtt = None;
     for backend in [Backend::Sqlite, Backend::Postgres, Backend::Nats] {
         if !args.backends.contains(&backend) {
             continue;
@@ -914,7 +953,7 @@ async fn run_store(args: StoreBenchArgs) -> anyhow::Result<std::process::ExitCod
                     ));
                     let client = NatsEventStore::connect(&args.nats_url)
                         .await?
-                        .with_root(root);
+                        .with_root(root.clone());
                     let mut ready = false;
                     for _ in 0..100 {
                         if client.head_position().await.is_ok() {
@@ -924,6 +963,11 @@ async fn run_store(args: StoreBenchArgs) -> anyhow::Result<std::process::ExitCod
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     anyhow::ensure!(ready, "the in-process store service did not answer");
+                    rss.enter("nats.rtt");
+                    nats_rtt = Some(
+                        bare_round_trip(server.client(), client.client(), &format!("{root}.rtt"))
+                            .await?,
+                    );
                     let results = measure_backend(&client, backend, &args, &rss, false, None).await;
                     let _ = stop.send(());
                     let _ = service.await;
@@ -954,6 +998,36 @@ async fn run_store(args: StoreBenchArgs) -> anyhow::Result<std::process::ExitCod
             )
             .at_least(70.0, ">= 70% of direct PostgreSQL"),
         );
+    }
+    if let Some(rtt) = nats_rtt {
+        figures.push(Figure::new(
+            "nats.rtt.bare",
+            "nats",
+            "bare NATS request/reply in this run (700-byte request, 64-byte reply, an echo on the store service's connection), median",
+            rtt.as_secs_f64() * 1e6,
+            "µs",
+        ));
+        if let (Some(direct), Some(through_nats)) = (postgres_8w_1e, nats_8w_1e) {
+            // 8 closed-loop writers make one round of 8 appends at a time: through NATS
+            // each round is the direct round plus at least one request/reply.
+            let direct_round = 8.0 / direct;
+            let nats_round = 8.0 / through_nats;
+            let rtt = rtt.as_secs_f64();
+            figures.push(Figure::new(
+                "nats.append.8w.1e.ceiling_vs_postgres",
+                "nats",
+                "the most 8 writers can reach through NATS, as % of direct PostgreSQL, were everything but the bare round trip free: direct round / (direct round + bare round trip)",
+                100.0 * direct_round / (direct_round + rtt),
+                "%",
+            ));
+            figures.push(Figure::new(
+                "nats.append.8w.1e.round_overhead",
+                "nats",
+                "a round of 8 appends through NATS minus the direct round and the bare round trip (client gathering, JSON, the service's hand-offs)",
+                (nats_round - direct_round - rtt) * 1e6,
+                "µs",
+            ));
+        }
     }
 
     rss.enter("end");
