@@ -282,14 +282,7 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
     let mut tenant_head = 0;
     let mut previous = BTreeMap::new();
     loop {
-        loop {
-            let page = runtime
-                .store
-                .read_all(&ReadScope::Tenant(tenant.clone()), tenant_head, 5_000)
-                .await?;
-            let Some(last) = page.last() else { break };
-            tenant_head = last.global_position;
-        }
+        tenant_head = each_tenant_page(&runtime.store, &tenant, tenant_head, |_| {}).await?;
         let connector_done = connector_checkpoint.load().await? >= tenant_head;
         let states = count_by(
             &read_db,
@@ -354,16 +347,9 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
     let mut rpm_alerts = 0u64;
     let mut rpm_readings = 0u64;
     let mut tenant_events = 0u64;
-    let mut after = 0;
-    loop {
-        let page = runtime
-            .store
-            .read_all(&ReadScope::Tenant(tenant.clone()), after, 5_000)
-            .await?;
-        let Some(last) = page.last() else { break };
-        after = last.global_position;
+    each_tenant_page(&runtime.store, &tenant, 0, |page| {
         tenant_events += page.len() as u64;
-        for event in &page {
+        for event in page {
             match event.event_type.as_str() {
                 "IdentifierLinked" | "NewPatientConfirmed" | "MatchReviewRequested"
                     if event.metadata.actor.id == "identity-matcher" =>
@@ -378,7 +364,8 @@ pub async fn run(args: DemoArgs, store_url: String) -> anyhow::Result<ExitCode> 
                 _ => {}
             }
         }
-    }
+    })
+    .await?;
     let write_backs = count_by(
         &read_db,
         "SELECT state, COUNT(*) FROM ehr_writeback WHERE tenant = ? GROUP BY state",
@@ -570,6 +557,26 @@ fn registration(visit: &Visit, household: uuid::Uuid, twin: bool, seed: u64) -> 
             "at": (visit.start - chrono::Duration::days(3)).to_rfc3339(),
         }),
         command_id: uuid::Uuid::from_u64_pair(own, 0x4E6157),
+    }
+}
+
+/// Hands the tenant's events after `after` to `visit`, a page at a time; returns the
+/// last position read (`after` when there was nothing new).
+async fn each_tenant_page(
+    store: &impl EventStore,
+    tenant: &TenantId,
+    mut after: u64,
+    mut visit: impl FnMut(&[chartline_proto::EventEnvelope]),
+) -> anyhow::Result<u64> {
+    loop {
+        let page = store
+            .read_all(&ReadScope::Tenant(tenant.clone()), after, 5_000)
+            .await?;
+        let Some(last) = page.last() else {
+            return Ok(after);
+        };
+        after = last.global_position;
+        visit(&page);
     }
 }
 
